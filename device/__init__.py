@@ -1,0 +1,1 @@
+"""Runtimes and probes on the board."""

@@ -1,0 +1,3 @@
+from edge_m2kd.cli import main
+
+main()

@@ -1,0 +1,131 @@
+"""Typed configuration. Every method is a configuration of the one learner (DESIGN.md
+section 2): baselines and ablations differ only in these fields, never in code paths."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+SnapshotPolicy = Literal["full", "packed", "sparse"]
+BiasCorrection = Literal["weight_aligning", "balanced_finetune", "none"]
+Classifier = Literal["cnn", "nme"]
+
+# Per-channel statistics of natural RGB images (ImageNet); folded into exported models.
+IMAGE_MEAN = (0.485, 0.456, 0.406)
+IMAGE_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet32"
+    input_size: int = 32
+    small_input_stem: bool = False  # ResNet-18 only: keep small inputs at full resolution
+    aux_levels: list[int] | None = None  # None: every stage but the last
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 2.0
+    aux_weight: float = 1.0  # a: deep supervision of the auxiliary heads
+    multi_model_weight: float = 1.0  # b: L_mm
+    multi_level_weight: float = 1.0  # c: L_ml
+    aux_heads: bool = True  # train auxiliary heads at all (L_aux)
+    multi_model: bool = True  # every snapshot M_k teaches its own group C_k
+    multi_level: bool = True  # ... also at the auxiliary levels
+    last_model_all_old: bool = False  # conventional term: M_{t-1} teaches all old classes
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 1993
+    device: str = "cpu"
+    channels_last: bool = True  # about 1.6x faster convolutions on CPU
+    crop_pad: int = 4
+    flip: bool = True  # off for data where a mirror image is another class (digits)
+    bias_correction: BiasCorrection = "weight_aligning"
+    balanced_finetune_epochs: int = 5
+    classifier: Classifier = "cnn"  # what the workspace deploys: corrected head or NME
+
+
+@dataclass
+class MemoryConfig:
+    total: int = 2000  # exemplar images kept over all classes, equal per class
+    keep_all: bool = False  # joint training: keep every image (the upper bound)
+
+
+@dataclass
+class SnapshotConfig:
+    policy: SnapshotPolicy = "packed"
+    planned_steps: int = 10  # packed: sizes each step's share of the free weights
+    first_step_share: float = 0.5  # packed: fraction of all weights the first step keeps
+    prune_finetune_epochs: int = 3  # packed/sparse: brief fine-tuning of the kept weights
+    prune_finetune_lr: float = 0.01
+    sparse_density: float = 0.1  # sparse: kept fraction of each prunable tensor
+    min_free_fraction: float = 0.02  # packed: warn when a step would get less than this
+
+
+@dataclass
+class LearnerConfig:
+    method: str = "m2kd"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    snapshots: SnapshotConfig = field(default_factory=SnapshotConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LearnerConfig:
+        return cls(
+            method=d["method"],
+            model=ModelConfig(**d["model"]),
+            loss=LossConfig(**d["loss"]),
+            train=TrainConfig(**d["train"]),
+            memory=MemoryConfig(**d["memory"]),
+            snapshots=SnapshotConfig(**d["snapshots"]),
+        )
+
+
+NO_DISTILLATION = dict(multi_model=False, multi_level=False, last_model_all_old=False)
+LAST_MODEL_ONLY = dict(multi_model=False, multi_level=False, last_model_all_old=True)
+
+# name -> (loss overrides, memory overrides, snapshot overrides)
+METHODS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
+    "finetune": ({**NO_DISTILLATION, "aux_heads": False}, {"total": 0}, {"policy": "full"}),
+    "lwf": ({**LAST_MODEL_ONLY, "aux_heads": False}, {"total": 0}, {"policy": "full"}),
+    "icarl": ({**LAST_MODEL_ONLY, "aux_heads": False}, {}, {"policy": "full"}),
+    "m2kd": ({}, {}, {}),
+    # Ablations of M2KD: one ingredient each.
+    "m2kd-multi-model": ({"multi_level": False}, {}, {}),
+    "m2kd-multi-level": ({"multi_model": False, "last_model_all_old": True}, {}, {}),
+    "joint": ({**NO_DISTILLATION, "aux_heads": False}, {"keep_all": True}, {"policy": "full"}),
+}
+
+
+def method_config(method: str, **sections: dict[str, Any]) -> LearnerConfig:
+    """The config of a named method; `sections` override fields per section, e.g.
+    ``method_config("m2kd", train={"epochs": 5}, snapshots={"policy": "full"})``."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    loss, memory, snapshots = METHODS[method]
+    cfg = LearnerConfig(
+        method=method,
+        loss=LossConfig(**loss),
+        memory=MemoryConfig(**memory),
+        snapshots=SnapshotConfig(**snapshots),
+    )
+    for name, overrides in sections.items():
+        section = getattr(cfg, name)
+        for key, value in overrides.items():
+            if not hasattr(section, key):
+                raise ValueError(f"unknown {name} option {key!r}")
+            setattr(section, key, value)
+    return cfg

@@ -1,0 +1,88 @@
+"""Exemplar memory: iCaRL herding under a fixed total size, stored as uint8 images.
+
+Each class keeps its exemplars in herding order, so shrinking a class when new classes
+arrive is a truncation that keeps the best-ranked images (Rebuffi et al. 2017)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edge_m2kd.config import MemoryConfig
+
+Embed = Callable[[np.ndarray], torch.Tensor]  # uint8 NHWC images -> features (N, D)
+
+
+def herding(features: torch.Tensor, m: int) -> list[int]:
+    """Indices of m samples whose running mean best approaches the class mean, in order.
+
+    `features` are L2-normalised rows. At each pick, choose the sample that brings the mean
+    of the chosen set closest to the class mean; no sample is picked twice."""
+    mu = features.mean(dim=0)
+    chosen: list[int] = []
+    running = torch.zeros_like(mu)
+    available = torch.ones(len(features), dtype=torch.bool)
+    for k in range(1, min(m, len(features)) + 1):
+        candidate_means = (running.unsqueeze(0) + features) / k
+        dist = (candidate_means - mu).norm(dim=1)
+        dist[~available] = float("inf")
+        i = int(dist.argmin())
+        chosen.append(i)
+        available[i] = False
+        running += features[i]
+    return chosen
+
+
+class ExemplarMemory:
+    def __init__(self, cfg: MemoryConfig) -> None:
+        self.cfg = cfg
+        self.images: dict[int, np.ndarray] = {}  # class id -> (m, H, W, 3) uint8, herding order
+
+    @property
+    def enabled(self) -> bool:
+        return self.cfg.keep_all or self.cfg.total > 0
+
+    def per_class(self, n_classes: int) -> int:
+        return self.cfg.total // max(n_classes, 1)
+
+    def update(self, embed: Embed, new: dict[int, np.ndarray]) -> None:
+        """Shrink old classes, then pick exemplars of the new classes by herding."""
+        if not self.enabled:
+            return
+        if self.cfg.keep_all:
+            self.images.update(new)
+            return
+        m = self.per_class(len(self.images) + len(new))
+        if m == 0:
+            raise ValueError(
+                f"an exemplar memory of {self.cfg.total} cannot keep one image for each of "
+                f"{len(self.images) + len(new)} classes; raise the memory size"
+            )
+        self.images = {c: imgs[:m] for c, imgs in self.images.items()}
+        for c, imgs in new.items():
+            feats = F.normalize(embed(imgs), dim=1)
+            self.images[c] = imgs[herding(feats, m)]
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """All exemplars as (images, labels), class by class."""
+        if not self.images:
+            return np.zeros((0, 1, 1, 3), np.uint8), np.zeros(0, np.int64)
+        classes = sorted(self.images)
+        images = np.concatenate([self.images[c] for c in classes])
+        labels = np.concatenate([np.full(len(self.images[c]), c, np.int64) for c in classes])
+        return images, labels
+
+    def class_means(self, embed: Embed, n_classes: int) -> torch.Tensor | None:
+        """Normalised mean of normalised exemplar features per class (NME), or None when
+        some class has no exemplars (methods without memory have no NME)."""
+        if any(c not in self.images or len(self.images[c]) == 0 for c in range(n_classes)):
+            return None
+        means = [F.normalize(embed(self.images[c]), dim=1).mean(dim=0) for c in range(n_classes)]
+        return F.normalize(torch.stack(means), dim=1)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self.images.values())

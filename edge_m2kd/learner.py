@@ -1,0 +1,239 @@
+"""The class-incremental learner: one step = train, consolidate snapshots, update
+exemplars, correct the new-class bias, commit the snapshot. Every method (M2KD, its
+ablations and its baselines) is a configuration of this one class."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edge_m2kd.config import IMAGE_MEAN, IMAGE_STD, LearnerConfig
+from edge_m2kd.data.augment import random_crop_flip
+from edge_m2kd.data.sources import ImageSet
+from edge_m2kd.errors import UserError
+from edge_m2kd.exemplars import ExemplarMemory
+from edge_m2kd.losses import m2kd_loss, teacher_terms
+from edge_m2kd.models import DeployedClassifier, IncrementalNet
+from edge_m2kd.preprocess import normalize, to_unit
+from edge_m2kd.snapshots import build_model, make_store
+
+# progress(epoch, epochs, mean loss so far, images per second)
+Progress = Callable[[int, int, float, float], None]
+EVAL_BATCH = 256
+PROBE_SIZE = 8
+
+
+@dataclass
+class StepReport:
+    step: int
+    classes: list[str]
+    train_images: int
+    seconds: float
+    images_per_second: float
+    losses: dict[str, float] = field(default_factory=dict)
+    teachers: list[int] = field(default_factory=list)
+
+
+class Learner:
+    def __init__(self, cfg: LearnerConfig) -> None:
+        self.cfg = cfg
+        self.device = torch.device(cfg.train.device)
+        self.model = build_model(cfg.model, 0).to(self.device)
+        self.store = make_store(cfg.snapshots, cfg.model)
+        self.memory = ExemplarMemory(cfg.memory)
+        self.class_names: list[str] = []  # in head order
+        self.groups: list[list[int]] = []  # class ids first learned at each step
+        self.class_means: torch.Tensor | None = None  # NME, over normalised features
+
+    @property
+    def steps_done(self) -> int:
+        return len(self.groups)
+
+    # -- one class-incremental step ----------------------------------------------------
+    def step(self, data: ImageSet, classes: list[str] | None = None, progress: Progress | None = None) -> StepReport:
+        classes = self._new_classes(data, classes)
+        t, start = self.steps_done + 1, time.perf_counter()
+        torch.manual_seed(self.cfg.train.seed + t)
+        new_ids = list(range(len(self.class_names), len(self.class_names) + len(classes)))
+        new_images = {c: data.images[data.labels == data.class_names.index(n)] for c, n in zip(new_ids, classes)}
+        self.class_names += classes
+        self.groups.append(new_ids)
+        self.model.add_classes(len(classes))
+        self.model.to(self.device)
+
+        images, labels = self._training_set(new_images)
+        terms = teacher_terms(t, self.groups, self.cfg.loss)
+        teachers = {k: self._to_device(self.store.teacher(k)) for k in sorted({k for k, _ in terms})}
+        self.store.prepare(self.model, t)
+
+        def train(model: IncrementalNet, masks: dict[str, torch.Tensor], epochs: int, lr: float) -> dict[str, float]:
+            return self._train(model, images, labels, teachers, terms, masks, epochs, lr, progress)
+
+        losses = train(self.model, self.store.grad_masks(self.model), self.cfg.train.epochs, self.cfg.train.lr)
+        self.store.consolidate(
+            self.model, t, lambda m, masks, epochs: train(m, masks, epochs, self.cfg.snapshots.prune_finetune_lr)
+        )
+        self.memory.update(self.embed, new_images)
+        self._correct_bias(new_ids)
+        self.class_means = self.memory.class_means(self.embed, self.model.num_classes)
+        self.store.commit(t, self.model, probe=images[:PROBE_SIZE])
+        seconds = time.perf_counter() - start
+        n_seen = len(images) * self.cfg.train.epochs
+        return StepReport(t, classes, len(images), seconds, n_seen / seconds, losses, sorted(teachers))
+
+    def _new_classes(self, data: ImageSet, classes: list[str] | None) -> list[str]:
+        present = [n for i, n in enumerate(data.class_names) if np.any(data.labels == i)]
+        if classes is None:
+            classes = [n for n in present if n not in self.class_names]
+            if not classes:
+                raise UserError("no new classes in the data: every class is already known; add folders of new classes")
+        for n in classes:
+            if classes.count(n) > 1:
+                raise UserError(f"class {n!r} given twice; name each class once")
+            if n in self.class_names:
+                raise UserError(f"class {n!r} already exists (learned at step {self.step_of(n)}); "
+                                "rename the folder or leave it out with --classes")
+            if n not in present:
+                raise UserError(f"class {n!r} has no images in the data; check the folder name")
+        return list(classes)
+
+    def step_of(self, name: str) -> int:
+        cid = self.class_names.index(name)
+        return next(k + 1 for k, g in enumerate(self.groups) if cid in g)
+
+    def _training_set(self, new_images: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        ex_images, ex_labels = self.memory.arrays()
+        images = [imgs for imgs in new_images.values()]
+        labels = [np.full(len(imgs), c, np.int64) for c, imgs in new_images.items()]
+        if len(ex_images):
+            images.append(ex_images)
+            labels.append(ex_labels)
+        return np.concatenate(images), np.concatenate(labels)
+
+    def _to_device(self, model: IncrementalNet) -> IncrementalNet:
+        model = model.to(self.device)
+        if self.cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def _batch(self, images: np.ndarray, augment: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = to_unit(images).to(self.device)
+        if augment:
+            x = random_crop_flip(x, self.cfg.train.crop_pad, self.cfg.train.flip, generator)
+        x = normalize(x)
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.train.channels_last else x
+
+    def _train(self, model, images, labels, teachers, terms, masks, epochs, lr, progress) -> dict[str, float]:
+        """SGD with a cosine schedule. Weight decay is applied to the gradient by hand so the
+        masks also cover it: a frozen (owned) weight must not move at all."""
+        tc, n = self.cfg.train, len(images)
+        self._to_device(model).train()
+        params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        opt = torch.optim.SGD(params.values(), lr=lr, momentum=tc.momentum, weight_decay=0.0)
+        batches = max(1, -(-n // tc.batch_size))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * batches)
+        gen = torch.Generator().manual_seed(tc.seed + len(self.groups))
+        labels_t = torch.from_numpy(labels)
+        with_aux = self.cfg.loss.aux_heads or self.cfg.loss.multi_level
+        totals: dict[str, float] = {}
+        for epoch in range(epochs):
+            totals, seen, start = {"loss": 0.0, "cls": 0.0, "aux": 0.0, "mm": 0.0, "ml": 0.0}, 0, time.perf_counter()
+            for idx in torch.randperm(n, generator=gen).split(tc.batch_size):
+                x, y = self._batch(images[idx.numpy()], True, gen), labels_t[idx].to(self.device)
+                with torch.inference_mode():
+                    teacher_outs = {k: teacher(x, with_aux=self.cfg.loss.multi_level) for k, teacher in teachers.items()}
+                out = model(x, with_aux=with_aux)
+                loss = m2kd_loss(out, y, terms, teacher_outs, self.cfg.loss)
+                opt.zero_grad(set_to_none=True)
+                loss.total.backward()
+                for name, p in params.items():
+                    if p.grad is not None:
+                        p.grad.add_(p.detach(), alpha=tc.weight_decay)
+                        if name in masks:
+                            p.grad.mul_(masks[name])
+                opt.step()
+                sched.step()
+                for key, value in zip(totals, (float(loss.total.detach()), loss.cls, loss.aux, loss.mm, loss.ml)):
+                    totals[key] += value * len(idx)
+                seen += len(idx)
+            if progress:
+                progress(epoch + 1, epochs, totals["loss"] / seen, seen / (time.perf_counter() - start))
+        return {k: v / max(n, 1) for k, v in totals.items()}
+
+    # -- the new-class bias --------------------------------------------------------------
+    def _correct_bias(self, new_ids: list[int]) -> None:
+        """Thousands of new images against a few exemplars per old class bias the head
+        toward the new classes; distillation alone does not remove that (DESIGN.md)."""
+        mode = self.cfg.train.bias_correction
+        if mode == "none" or not self.memory.enabled or self.cfg.memory.keep_all or self.steps_done < 2:
+            return
+        head = self.model.main_head
+        if mode == "weight_aligning":  # Zhao et al. 2020: match the mean norm of old rows
+            with torch.no_grad():
+                norms = head.weight.norm(dim=1)
+                old = [c for c in range(head.out_features) if c not in new_ids]
+                gamma = norms[old].mean() / norms[new_ids].mean()
+                head.weight[new_ids] *= gamma
+                head.bias[new_ids] *= gamma
+        elif mode == "balanced_finetune":  # the exemplar set is class-balanced by construction
+            self._finetune_head(*self.memory.arrays())
+
+    def _finetune_head(self, images: np.ndarray, labels: np.ndarray) -> None:
+        tc = self.cfg.train
+        feats = self.embed(images)
+        head = self.model.main_head
+        opt = torch.optim.SGD(head.parameters(), lr=tc.lr * 0.1, momentum=tc.momentum)
+        y = torch.from_numpy(labels).to(self.device)
+        for _ in range(tc.balanced_finetune_epochs * max(1, len(images) // tc.batch_size)):
+            idx = torch.randint(0, len(images), (tc.batch_size,))
+            loss = F.cross_entropy(head(feats[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    # -- inference -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _forward_all(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        self.model.eval()
+        logits, feats = [], []
+        for i in range(0, len(images), EVAL_BATCH):
+            out = self.model(self._batch(images[i : i + EVAL_BATCH], augment=False), with_aux=False)
+            logits.append(out.logits)
+            feats.append(out.features)
+        self.model.train()
+        if not logits:
+            return torch.zeros(0, self.model.num_classes), torch.zeros(0, self.model.feature_dim)
+        return torch.cat(logits), torch.cat(feats)
+
+    def embed(self, images: np.ndarray) -> torch.Tensor:
+        return self._forward_all(images)[1].clone()
+
+    def scores(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """CNN logits and, where class means exist, NME scores (higher is closer)."""
+        logits, feats = self._forward_all(images)
+        if self.class_means is None:
+            return logits.cpu(), None
+        return logits.cpu(), self._nme_linear(F.normalize(feats, dim=1)).cpu()
+
+    def _nme_linear(self, normalized_features: torch.Tensor) -> torch.Tensor:
+        assert self.class_means is not None
+        means = self.class_means.to(normalized_features.device)
+        return normalized_features @ means.T - 0.5 * (means * means).sum(dim=1)
+
+    def deployed(self) -> DeployedClassifier:
+        """The classifier a device runs: the corrected head, or NME as a linear layer."""
+        backbone = build_model(self.cfg.model, 0).backbone
+        backbone.load_state_dict(self.model.backbone.state_dict())
+        use_nme = self.cfg.train.classifier == "nme" and self.class_means is not None
+        if use_nme:
+            assert self.class_means is not None
+            w = self.class_means.cpu()
+            b = -0.5 * (w * w).sum(dim=1)
+        else:
+            w, b = self.model.main_head.weight.detach().cpu(), self.model.main_head.bias.detach().cpu()
+        return DeployedClassifier(backbone, w, b, use_nme, IMAGE_MEAN, IMAGE_STD).eval()

@@ -1,0 +1,80 @@
+"""The M2KD loss (DESIGN.md section 2), one function per term.
+
+L = L_cls + a*L_aux + b*L_mm + c*L_ml. A teacher term is a (teacher step, class columns)
+pair: M2KD's own-group terms ask snapshot M_k about its group C_k only; the conventional
+term asks M_{t-1} about every old class. The same terms serve the main head (L_mm) and,
+when multi-level is on, each auxiliary head (L_ml).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from edge_m2kd.config import LossConfig
+from edge_m2kd.models import NetOutput
+
+
+def group_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(teacher/T) || softmax(student/T)) * T^2, softmax over the given columns only."""
+    log_p_student = F.log_softmax(student / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher / temperature, dim=1)
+    kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
+    return kl * temperature**2
+
+
+def teacher_terms(step: int, groups: list[list[int]], cfg: LossConfig) -> list[tuple[int, list[int]]]:
+    """(teacher step, class columns) for every distillation term of step `step` (1-based).
+    `groups[k-1]` are the class ids first learned at step k."""
+    terms: list[tuple[int, list[int]]] = []
+    if step <= 1:
+        return terms
+    if cfg.multi_model:
+        terms += [(k, groups[k - 1]) for k in range(1, step)]
+    if cfg.last_model_all_old:
+        terms.append((step - 1, [c for g in groups[: step - 1] for c in g]))
+    return terms
+
+
+@dataclass
+class LossTerms:
+    total: torch.Tensor
+    cls: float
+    aux: float
+    mm: float
+    ml: float
+
+
+def _distill(student: list[torch.Tensor], teachers: list[list[torch.Tensor]],
+             terms: list[tuple[int, list[int]]], temperature: float) -> torch.Tensor:
+    """Mean over terms (and levels) so the term's scale does not grow with the step count.
+    `student[level]`, `teachers[i][level]` are logits; teachers[i] belongs to terms[i]."""
+    losses = [
+        group_kd(s[:, cols], t[:, cols], temperature)
+        for (_, cols), t_levels in zip(terms, teachers)
+        for s, t in zip(student, t_levels)
+    ]
+    return torch.stack(losses).mean()
+
+
+def m2kd_loss(
+    out: NetOutput,
+    targets: torch.Tensor,
+    terms: list[tuple[int, list[int]]],
+    teacher_outs: dict[int, NetOutput],
+    cfg: LossConfig,
+) -> LossTerms:
+    zero = out.logits.new_zeros(())
+    cls = F.cross_entropy(out.logits, targets)
+    aux = zero
+    if cfg.aux_heads and out.aux_logits:
+        aux = torch.stack([F.cross_entropy(z, targets) for z in out.aux_logits]).mean()
+    mm = ml = zero
+    if terms:
+        mm = _distill([out.logits], [[teacher_outs[k].logits] for k, _ in terms], terms, cfg.temperature)
+        if cfg.multi_level and out.aux_logits:
+            ml = _distill(out.aux_logits, [teacher_outs[k].aux_logits for k, _ in terms], terms, cfg.temperature)
+    total = cls + cfg.aux_weight * aux + cfg.multi_model_weight * mm + cfg.multi_level_weight * ml
+    return LossTerms(total, *(float(x.detach()) for x in (cls, aux, mm, ml)))

@@ -1,0 +1,117 @@
+"""The incremental network: a staged backbone, a main head over all known classes, and
+auxiliary heads (global average pool + linear) on intermediate stages. Heads grow when
+classes are added; the rows of old classes are kept as they are."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edge_m2kd.models.resnet import build_backbone
+
+
+class GrowingLinear(nn.Module):
+    """A linear layer whose output rows (one per class) can be appended to."""
+
+    def __init__(self, in_features: int, out_features: int = 0) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.weight = nn.Parameter(torch.empty(0, in_features))
+        self.bias = nn.Parameter(torch.empty(0))
+        if out_features:
+            self.grow(out_features)
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def grow(self, n: int) -> None:
+        if n <= 0:
+            return
+        new_w = torch.empty(n, self.in_features, device=self.weight.device)
+        nn.init.kaiming_uniform_(new_w, a=math.sqrt(5))  # nn.Linear's own initialisation
+        bound = 1 / math.sqrt(self.in_features)
+        new_b = torch.empty(n, device=self.bias.device).uniform_(-bound, bound)
+        self.weight = nn.Parameter(torch.cat([self.weight.data, new_w]))
+        self.bias = nn.Parameter(torch.cat([self.bias.data, new_b]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+@dataclass
+class NetOutput:
+    logits: torch.Tensor  # main head, all known classes
+    aux_logits: list[torch.Tensor]  # one per auxiliary level
+    features: torch.Tensor  # pooled last stage, what NME and herding use
+
+
+class IncrementalNet(nn.Module):
+    def __init__(
+        self,
+        backbone: str = "resnet32",
+        aux_levels: list[int] | None = None,
+        small_input_stem: bool = False,
+    ) -> None:
+        super().__init__()
+        self.backbone_name = backbone
+        self.backbone = build_backbone(backbone, small_input_stem)
+        channels = self.backbone.stage_channels
+        # Default: every stage but the last (whose output the main head already reads).
+        self.aux_levels = list(range(len(channels) - 1)) if aux_levels is None else list(aux_levels)
+        self.main_head = GrowingLinear(channels[-1])
+        self.aux_heads = nn.ModuleList([GrowingLinear(channels[i]) for i in self.aux_levels])
+        self.feature_dim = channels[-1]
+
+    @property
+    def num_classes(self) -> int:
+        return self.main_head.out_features
+
+    def add_classes(self, n: int) -> None:
+        for head in [self.main_head, *self.aux_heads]:
+            head.grow(n)
+
+    def forward(self, x: torch.Tensor, with_aux: bool = True) -> NetOutput:
+        stages = self.backbone(x)
+        features = stages[-1].mean(dim=(2, 3))
+        aux = []
+        if with_aux:
+            aux = [head(stages[i].mean(dim=(2, 3))) for i, head in zip(self.aux_levels, self.aux_heads)]
+        return NetOutput(self.main_head(features), aux, features)
+
+
+class DeployedClassifier(nn.Module):
+    """What a device runs: backbone, pooled features, one linear layer, and nothing else.
+
+    With NME the class means are written as a linear layer over L2-normalised features:
+    argmin |f - m_c|^2 = argmax (m_c . f - |m_c|^2 / 2), since |f| = 1 for every class.
+    Input normalisation (mean/std) is folded in, so the runtime feeds [0, 1] RGB in NCHW.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        normalize_features: bool,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(weight.shape[1], weight.shape[0])
+        self.head.weight.data.copy_(weight)
+        self.head.bias.data.copy_(bias)
+        self.normalize_features = normalize_features
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.backbone((x - self.mean) / self.std)[-1].mean(dim=(2, 3))
+        if self.normalize_features:
+            features = F.normalize(features, dim=1)
+        return self.head(features)

@@ -1,0 +1,217 @@
+"""On-disk state of a device's learner, crash-safe.
+
+Layout:
+    WS/workspace.json            the manifest, and the one pointer a commit switches
+    WS/generations/gen-NNNNNN/   model, snapshots and exemplars of one committed step
+
+A commit writes a new generation directory, fsyncs every file and the directory, then
+replaces workspace.json atomically (write a temporary file, fsync, rename, fsync the
+directory). A crash or power cut at any moment leaves either the old or the new manifest,
+each pointing at a complete generation; whatever a crash left half-written is removed at
+the next open. Tensors are safetensors and metadata JSON, so opening a workspace cannot
+run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from edge_m2kd.config import LearnerConfig
+from edge_m2kd.errors import UserError
+from edge_m2kd.learner import Learner
+from edge_m2kd.snapshots import PackedSnapshots
+
+FORMAT_VERSION = 1
+MANIFEST = "workspace.json"
+GENERATIONS = "generations"
+FILES = ("model.safetensors", "snapshots.safetensors", "exemplars.safetensors")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _disk_error(e: OSError, what: str) -> UserError:
+    return UserError(f"could not write {what}: {e.strerror or e} ; the workspace is unchanged - free disk space "
+                     "(or check permissions) and run the step again")
+
+
+class Workspace:
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path = path
+        self.manifest = manifest
+
+    # -- create and open -----------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path, cfg: LearnerConfig, extra: dict[str, Any] | None = None) -> Workspace:
+        path = Path(path)
+        if (path / MANIFEST).exists():
+            raise UserError(f"{path} already holds a workspace; choose another directory or remove it")
+        if path.exists() and any(path.iterdir()):
+            raise UserError(f"{path} exists and is not empty; choose an empty or new directory")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "config": cfg.to_dict(),
+            "generation": None,
+            "classes": [],  # registry: one entry per class id, in head order
+            "history": [],
+            "files": {},
+            **(extra or {}),
+        }
+        try:
+            (path / GENERATIONS).mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path / MANIFEST, manifest)
+        except OSError as e:
+            raise _disk_error(e, f"a workspace at {path}") from e
+        return cls(path, manifest)
+
+    @classmethod
+    def open(cls, path: str | Path) -> Workspace:
+        path = Path(path)
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise UserError(f"{path} is not a workspace (no {MANIFEST}); create one with `edge-m2kd init {path}`")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{manifest_path} is not valid JSON ({e}); restore it from a backup") from e
+        version = manifest.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise UserError(f"{path} was written by a newer edge-m2kd (format {version}, this one reads up to "
+                            f"{FORMAT_VERSION}); upgrade edge-m2kd to open it")
+        ws = cls(path, manifest)
+        ws._remove_leftovers()
+        return ws
+
+    def _remove_leftovers(self) -> None:
+        """A crash mid-commit leaves a generation no manifest points at, or a temp file."""
+        current = self.manifest.get("generation")
+        gens = self.path / GENERATIONS
+        for child in gens.iterdir() if gens.is_dir() else []:
+            if child.name != current:
+                shutil.rmtree(child, ignore_errors=True)
+        tmp = self.path / (MANIFEST + ".tmp")
+        if tmp.exists():
+            tmp.unlink()
+
+    # -- properties ------------------------------------------------------------------------
+    @property
+    def config(self) -> LearnerConfig:
+        return LearnerConfig.from_dict(self.manifest["config"])
+
+    @property
+    def steps(self) -> int:
+        return len(self.manifest["history"])
+
+    @property
+    def generation_dir(self) -> Path | None:
+        gen = self.manifest.get("generation")
+        return self.path / GENERATIONS / gen if gen else None
+
+    # -- learner state -----------------------------------------------------------------------
+    def load_learner(self) -> Learner:
+        cfg = self.config
+        learner = Learner(cfg)
+        gen = self.generation_dir
+        if gen is None:
+            return learner
+        for name, digest in self.manifest["files"].items():
+            if not (gen / name).is_file() or sha256(gen / name) != digest:
+                raise UserError(f"{gen / name} is missing or damaged (checksum mismatch); restore the workspace from a backup")
+        model_t = load_file(gen / "model.safetensors")
+        snap_t = load_file(gen / "snapshots.safetensors")
+        ex_t = load_file(gen / "exemplars.safetensors")
+        learner.class_names = [c["name"] for c in self.manifest["classes"]]
+        learner.groups = [[i for i, c in enumerate(self.manifest["classes"]) if c["step"] == k]
+                          for k in range(1, self.steps + 1)]
+        learner.model.add_classes(len(learner.class_names))
+        learner.class_means = model_t.pop("class_means", None)
+        learner.model.load_state_dict(model_t)
+        learner.model.to(learner.device)
+        learner.store.load(snap_t, self.manifest["snapshots"])
+        if isinstance(learner.store, PackedSnapshots):
+            learner.store.load_owner_map(learner.model, snap_t)
+        learner.memory.images = {int(k.split(".")[1]): v.numpy() for k, v in ex_t.items()}
+        return learner
+
+    def commit(self, learner: Learner, history_entry: dict[str, Any]) -> None:
+        """Write the learner as a new generation, then switch the manifest to it."""
+        gen_name = f"gen-{self.steps + 1:06d}"
+        gen = self.path / GENERATIONS / gen_name
+        model_t = {k: v.detach().cpu().contiguous() for k, v in learner.model.state_dict().items()}
+        if learner.class_means is not None:
+            model_t["class_means"] = learner.class_means.detach().cpu().contiguous()
+        snap_t, snap_meta = learner.store.state()
+        ex_t = {f"class.{c}": torch.from_numpy(np.ascontiguousarray(v)) for c, v in learner.memory.images.items()}
+        try:
+            if gen.exists():
+                shutil.rmtree(gen)
+            gen.mkdir(parents=True)
+            for name, tensors in zip(FILES, (model_t, snap_t, ex_t)):
+                save_file({k: v.contiguous() for k, v in tensors.items()}, gen / name)
+                fsync_file(gen / name)
+            fsync_dir(gen)
+            fsync_dir(gen.parent)
+            manifest = dict(self.manifest)
+            manifest.update(
+                generation=gen_name,
+                files={name: sha256(gen / name) for name in FILES},
+                classes=[{"name": n, "id": i, "step": learner.step_of(n)} for i, n in enumerate(learner.class_names)],
+                snapshots=snap_meta,
+                history=[*self.manifest["history"], history_entry],
+            )
+            write_json_atomic(self.path / MANIFEST, manifest)
+        except OSError as e:
+            shutil.rmtree(gen, ignore_errors=True)
+            raise _disk_error(e, f"step {self.steps + 1} to {self.path}") from e
+        old = self.generation_dir
+        self.manifest = manifest
+        if old is not None and old != gen:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def checksum(self) -> str:
+        """One digest over the manifest and the current generation: equal iff the state is."""
+        h = hashlib.sha256((self.path / MANIFEST).read_bytes())
+        for name, digest in sorted(self.manifest.get("files", {}).items()):
+            h.update(f"{name}:{digest}".encode())
+        return h.hexdigest()
+
+    def disk_bytes(self) -> dict[str, int]:
+        gen = self.generation_dir
+        return {name: (gen / name).stat().st_size for name in FILES} if gen else {}

@@ -1,0 +1,1 @@
+"""Exporters: the current student to ONNX and TensorRT."""

@@ -1,0 +1,58 @@
+import torch
+
+from edge_m2kd.config import LossConfig, method_config
+from edge_m2kd.losses import group_kd, m2kd_loss, teacher_terms
+from edge_m2kd.models import NetOutput
+
+GROUPS = [[0, 1], [2, 3], [4, 5], [6, 7]]
+
+
+def test_group_kd_is_zero_for_equal_logits_and_positive_otherwise():
+    z = torch.randn(8, 3)
+    assert group_kd(z, z.clone(), 2.0).abs().item() < 1e-6
+    assert group_kd(z, z + torch.randn(8, 3), 2.0).item() > 1e-3
+
+
+def test_group_kd_reads_only_the_given_columns():
+    s, t = torch.randn(4, 6), torch.randn(4, 6)
+    t2 = t.clone()
+    t2[:, 2:] += 5.0  # change columns outside the group
+    assert torch.allclose(group_kd(s[:, :2], t[:, :2], 2.0), group_kd(s[:, :2], t2[:, :2], 2.0))
+
+
+def test_multi_model_terms_ask_every_snapshot_about_its_own_group():
+    terms = teacher_terms(4, GROUPS, LossConfig())
+    assert terms == [(1, [0, 1]), (2, [2, 3]), (3, [4, 5])]
+
+
+def test_conventional_terms_ask_only_the_last_model_about_all_old_classes():
+    cfg = method_config("icarl").loss
+    assert teacher_terms(4, GROUPS, cfg) == [(3, [0, 1, 2, 3, 4, 5])]
+    assert teacher_terms(1, GROUPS, cfg) == []
+    assert teacher_terms(4, GROUPS, method_config("finetune").loss) == []
+
+
+def _out(logits, aux):
+    return NetOutput(logits, aux, torch.zeros(len(logits), 4))
+
+
+def test_loss_uses_only_the_named_teachers():
+    torch.manual_seed(0)
+    cfg = LossConfig(multi_model=True, multi_level=True)
+    student = _out(torch.randn(5, 6), [torch.randn(5, 6)])
+    y = torch.randint(0, 6, (5,))
+    terms = teacher_terms(3, GROUPS, cfg)
+    teachers = {1: _out(torch.randn(5, 2), [torch.randn(5, 2)]), 2: _out(torch.randn(5, 4), [torch.randn(5, 4)])}
+    base = m2kd_loss(student, y, terms, teachers, cfg)
+    assert base.mm > 0 and base.ml > 0
+    # An extra teacher the terms do not name changes nothing.
+    extra = {**teachers, 7: _out(torch.randn(5, 6), [torch.randn(5, 6)])}
+    assert m2kd_loss(student, y, terms, extra, cfg).total.item() == base.total.item()
+    # A teacher that agrees with the student on its own group contributes nothing.
+    agree = {1: _out(student.logits[:, :2].clone(), [student.aux_logits[0][:, :2].clone()]),
+             2: _out(student.logits[:, :4].clone(), [student.aux_logits[0][:, :4].clone()])}
+    same = m2kd_loss(student, y, terms, agree, cfg)
+    assert abs(same.mm) < 1e-6 and abs(same.ml) < 1e-6
+    # Teacher 2 is asked about classes 2,3 only: changing its columns 0,1 changes nothing.
+    moved = {1: teachers[1], 2: _out(teachers[2].logits + torch.tensor([9.0, -9.0, 0, 0]), teachers[2].aux_logits)}
+    assert abs(m2kd_loss(student, y, terms, moved, cfg).mm - base.mm) < 1e-6

@@ -1,0 +1,92 @@
+import numpy as np
+import pytest
+import torch
+from helpers import quick_config
+
+from edge_m2kd.learner import Learner
+from edge_m2kd.snapshots import PackedSnapshots, make_store, pack_bits, prunable_names, unpack_bits
+
+
+def test_bit_packing_round_trips_at_every_width():
+    rng = np.random.default_rng(0)
+    for bits in range(1, 9):
+        values = rng.integers(0, 2**bits, 1001).astype(np.uint8)
+        packed = pack_bits(values, bits)
+        assert packed.nbytes == -(-1001 * bits // 8)
+        assert np.array_equal(unpack_bits(packed, bits, 1001), values)
+
+
+def run_steps(policy, data, steps=3, method="m2kd"):
+    learner = Learner(quick_config(method, policy))
+    for k in range(steps):
+        learner.step(data, data.class_names[2 * k : 2 * k + 2])
+    return learner
+
+
+@pytest.fixture(scope="module")
+def packed(blob_data):
+    return run_steps("packed", blob_data)
+
+
+@pytest.mark.parametrize("policy", ["full", "sparse"])
+def test_every_policy_rebuilds_each_snapshot_exactly(policy, blob_data):
+    learner = run_steps(policy, blob_data)
+    results = learner.store.verify()
+    assert [r.step for r in results] == [1, 2, 3]
+    assert all(r.ok for r in results), results
+
+
+def test_packed_snapshots_are_exact_and_small(packed):
+    results = packed.store.verify()
+    assert all(r.ok and r.max_abs_diff <= 1e-5 for r in results), results
+    rows = packed.store.bytes_report()
+    assert all(r.bytes < 0.1 * r.full_copy_bytes for r in rows)
+    assert packed.store.owner_bits() == 2  # ceil(log2(3 + 1))
+
+
+def test_flipping_one_owner_entry_fails_verification(packed):
+    store: PackedSnapshots = packed.store
+    name = prunable_names(packed.model)[3]
+    owner = store.owner[name]
+    # Give a weight owned by step 1 to step 2: snapshot 1 loses it and no longer matches.
+    idx = int((owner.flatten() == 1).nonzero()[0])
+    saved = owner.flatten()[idx].item()
+    owner.view(-1)[idx] = 2
+    try:
+        assert not store.verify()[0].ok
+    finally:
+        owner.view(-1)[idx] = saved
+    assert all(r.ok for r in store.verify())
+
+
+def test_owned_weights_stay_bit_identical_through_a_later_step(blob_data):
+    learner = run_steps("packed", blob_data, steps=2)
+    params = dict(learner.model.named_parameters())
+    before = {n: (params[n].detach().clone(), learner.store.owner[n].clone()) for n in learner.store.owner}
+    learner.step(blob_data, blob_data.class_names[4:6])
+    params = dict(learner.model.named_parameters())
+    moved_free = 0
+    for n, (w, owner) in before.items():
+        owned = owner > 0
+        assert torch.equal(params[n].detach()[owned], w[owned]), n
+        moved_free += int((params[n].detach()[~owned] != w[~owned]).sum())
+    assert moved_free > 0  # the free weights did learn
+
+
+def test_packed_store_capacity_shares(packed):
+    store = packed.store
+    assert 0.0 <= store.free_fraction() < 1.0
+    assert store.share(1) == store.cfg.first_step_share
+    # the last planned step takes whatever is still free
+    assert store.free_fraction() == 0.0
+
+
+def test_state_round_trip_keeps_every_snapshot(packed):
+    tensors, meta = packed.store.state()
+    fresh = make_store(packed.cfg.snapshots, packed.cfg.model)
+    fresh.load(tensors, meta)
+    fresh.load_owner_map(packed.model, tensors)
+    for k in (1, 2, 3):
+        a, b = fresh.teacher(k), packed.store.teacher(k)
+        for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(x, y), (k, n)
