@@ -66,3 +66,206 @@ def demo(method: str, policy: str | None, workdir: Path, epochs: int | None, as_
         click.echo(f"{method}: final accuracy {100 * result['final_accuracy']:.1f}%, average incremental "
                    f"{100 * result['average_incremental_accuracy']:.1f}%, forgetting "
                    f"{100 * result['forgetting']:.1f} points, {result['seconds']:.0f}s; results in {workdir}")
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:8.2f} MiB"
+
+
+def _kib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1024:9.1f} KiB"
+
+
+WS = click.Path(path_type=Path)
+
+
+@main.command()
+@click.argument("ws", type=WS)
+@click.option("--backbone", default="resnet32", show_default=True, type=click.Choice(["resnet32", "resnet20", "resnet18"]))
+@click.option("--input-size", default=32, show_default=True, type=click.IntRange(8, 1024))
+@click.option("--snapshots", "policy", default="packed", show_default=True, type=click.Choice(["packed", "sparse", "full"]))
+@click.option("--exemplars", default=2000, show_default=True, type=click.IntRange(0), help="exemplar images kept in all")
+@click.option("--method", default="m2kd", show_default=True, type=click.Choice(["m2kd", "icarl", "lwf", "finetune"]))
+@click.option("--memory-budget", default=None, help="a size (2GiB, 512MB) or a board: orin-nano-4gb, orin-nano-8gb, "
+              "orin-nx-16gb, agx-orin-32gb, agx-orin-64gb")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--epochs", default=30, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--planned-steps", default=10, show_default=True, type=click.IntRange(1),
+              help="packed snapshots: how many steps the free weights must last")
+@click.option("--json", "as_json", is_flag=True)
+def init(ws: Path, backbone, input_size, policy, exemplars, method, memory_budget, device, epochs, batch_size,
+         planned_steps, as_json) -> None:
+    """Create a workspace WS."""
+    from edge_m2kd.commands import init_workspace
+
+    out = init_workspace(ws, backbone, input_size, policy, exemplars, method, memory_budget, device, epochs,
+                         batch_size, planned_steps)
+    if as_json:
+        emit_json(out)
+    else:
+        budget = out["memory_budget_bytes"]
+        click.echo(f"created workspace {ws}: {method}, {backbone} at {input_size}px, {policy} snapshots, "
+                   f"{exemplars} exemplars" + (f", budget {_mib(budget).strip()}" if budget else ""))
+
+
+@main.command("add-classes")
+@click.argument("ws", type=WS)
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--classes", default=None, help="comma-separated class folders to learn (default: every new one)")
+@click.option("--epochs", default=None, type=click.IntRange(1))
+@click.option("--batch-size", default=None, type=click.IntRange(1))
+@click.option("--on-corrupt", default="skip", show_default=True, type=click.Choice(["skip", "error"]),
+              help="an unreadable image among good ones: skip it with a warning, or refuse the step")
+@click.option("--json", "as_json", is_flag=True)
+def add_classes(ws: Path, data: Path, classes, epochs, batch_size, on_corrupt, as_json) -> None:
+    """Learn the new classes of the image folder DATA (DATA/<class>/*.jpg) and commit the step."""
+    from tqdm import tqdm
+
+    from edge_m2kd.commands import add_classes as run
+
+    bars: dict[str, Any] = {}
+
+    def progress(phase: str, epoch: int, epochs_total: int, loss: float, ips: float) -> None:
+        if phase not in bars:
+            for other in bars.values():
+                other.close()
+            bars[phase] = tqdm(total=epochs_total, desc=phase, unit="epoch", disable=as_json, file=sys.stderr)
+        bars[phase].update(1)
+        bars[phase].set_postfix(loss=f"{loss:.3f}", img_s=f"{ips:.0f}")
+
+    names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    try:
+        entry = run(ws, data, names, epochs, batch_size, on_corrupt, progress)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    if as_json:
+        emit_json(entry)
+        return
+    h = entry["holdout"]
+    groups = " ".join(f"{100 * a:.1f}" for a in h.get("accuracy_per_group", []))
+    mem = entry["memory"]
+    click.echo(f"step {entry['step']}: learned {', '.join(entry['classes'])} from {entry['train_images']} images "
+               f"in {entry['seconds']:.1f}s ({entry['images_per_second']:.0f} img/s)")
+    click.echo(f"  held-out accuracy {100 * h.get('deployed_accuracy', float('nan')):.1f}% "
+               f"(per group: {groups}); bytes added {entry['bytes_added']:,}")
+    click.echo(f"  peak memory: measured {_mib(mem['measured_peak_rss']).strip()} resident, predicted "
+               f"{_mib(mem['predicted_peak']['total']).strip()}")
+
+
+@main.command("eval")
+@click.argument("ws", type=WS)
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def eval_(ws: Path, data: Path, as_json: bool) -> None:
+    """Accuracy (CNN and NME) per class group and overall on a test folder."""
+    from edge_m2kd.commands import evaluate_folder
+
+    out = evaluate_folder(ws, data)
+    if as_json:
+        emit_json(out)
+        return
+    nme = "-" if out["nme_accuracy"] is None else f"{100 * out['nme_accuracy']:.1f}%"
+    click.echo(f"{out['samples']} images: deployed {100 * out['deployed_accuracy']:.1f}%, CNN "
+               f"{100 * out['accuracy']:.1f}%, NME {nme}")
+    for k, (group, acc) in enumerate(zip(out["groups"], out["accuracy_per_group"]), 1):
+        click.echo(f"  step {k} ({', '.join(group)}): {100 * acc:.1f}%")
+
+
+@main.command()
+@click.argument("ws", type=WS)
+@click.argument("images", nargs=-1, required=True)
+@click.option("--top-k", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch"]))
+@click.option("--json", "as_json", is_flag=True)
+def predict(ws: Path, images: tuple[str, ...], top_k: int, backend: str, as_json: bool) -> None:
+    """Class names and scores for each IMAGE, best first."""
+    from edge_m2kd.commands import predict as run
+
+    out = run(ws, list(images), top_k)
+    if as_json:
+        emit_json(out)
+        return
+    for r in out["results"]:
+        preds = ", ".join(f"{p['class']} {p['score']:.3f}" for p in r["predictions"])
+        click.echo(f"{r['image']}: {preds}")
+
+
+@main.command()
+@click.argument("ws", type=WS)
+@click.option("--budget", default=None, help="a size or a board profile (default: the workspace's)")
+@click.option("--new-images", default=None, type=click.IntRange(1), help="images the next step will train on")
+@click.option("--json", "as_json", is_flag=True)
+def memory(ws: Path, budget: str | None, new_images: int | None, as_json: bool) -> None:
+    """Bytes held by weights, each snapshot, exemplars, optimizer and activations, against the budget."""
+    from edge_m2kd.commands import memory_report
+
+    out = memory_report(ws, budget, new_images)
+    if as_json:
+        emit_json(out)
+        return
+    click.echo(f"{'weights (student)':<34}{_kib(out['weights'])}")
+    for s in out["snapshots"]:
+        parts = ", ".join(f"{k} {v:,}" for k, v in s.items() if k not in ("step", "bytes"))
+        click.echo(f"{'snapshot ' + str(s['step']):<34}{_kib(s['bytes'])}   ({parts})")
+    click.echo(f"{'snapshots, all':<34}{_kib(out['snapshots_total'])}")
+    click.echo(f"{'exemplars (uint8)':<34}{_kib(out['exemplars'])}")
+    click.echo(f"{'exported engine / ONNX':<34}{_kib(out['exported_engine'])}")
+    click.echo(f"{'stored, total':<34}{_kib(out['stored_total'])}")
+    nxt = out["next_step"]
+    click.echo(f"next step ({nxt['new_images']} new images, batch {nxt['batch_size']}), predicted peak:")
+    for k, v in nxt["predicted_peak"].items():
+        click.echo(f"  {k:<32}{_mib(v)}")
+    if out["budget"] is not None:
+        verdict = "fits" if out["fits"] else "DOES NOT FIT"
+        click.echo(f"budget {_mib(out['budget']).strip()}: {verdict}; largest batch size "
+                   f"{nxt['largest_batch_size']}, largest exemplar count {nxt['largest_exemplar_count']}")
+    if "last_step_measured_peak_rss" in out:
+        click.echo(f"last step: predicted {_mib(out['last_step_predicted_peak']).strip()}, measured "
+                   f"{_mib(out['last_step_measured_peak_rss']).strip()} resident")
+
+
+@main.command()
+@click.argument("ws", type=WS)
+@click.option("--verify", is_flag=True, help="rebuild every snapshot and compare its probe logits")
+@click.option("--json", "as_json", is_flag=True)
+def snapshots(ws: Path, verify: bool, as_json: bool) -> None:
+    """One line per step: classes, bytes, verified or not."""
+    from edge_m2kd.commands import snapshot_report
+
+    out = snapshot_report(ws, verify)
+    if as_json:
+        emit_json({k: out[k] for k in ("policy", "free_fraction", "all_verified")} | {
+            "snapshots": [{k: r[k] for k in ("step", "classes", "bytes", "full_copy_bytes", "verified", "max_abs_diff")}
+                          for r in out["snapshots"]]})
+    else:
+        for r in out["snapshots"]:
+            state = {True: "verified", False: "FAILED", None: "not checked"}[r["verified"]]
+            click.echo(f"step {r['step']}  {','.join(r['classes']):<24} {r['bytes']:>10,} bytes "
+                       f"({100 * r['bytes'] / r['full_copy_bytes']:.1f}% of a full copy)  {state}")
+        if out["free_fraction"] is not None:
+            click.echo(f"free weights left for later steps: {100 * out['free_fraction']:.1f}%")
+    if verify and not out["all_verified"]:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("ws", type=WS)
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, help="write a PNG")
+@click.option("--json", "as_json", is_flag=True)
+def history(ws: Path, plot: Path | None, as_json: bool) -> None:
+    """Held-out accuracy per step and per class group."""
+    from edge_m2kd.commands import history_report, plot_history
+
+    out = history_report(ws)
+    if plot:
+        plot_history(out, plot)
+    if as_json:
+        emit_json(out)
+        return
+    for s in out["steps"]:
+        groups = " ".join(f"{100 * a:5.1f}" for a in s["accuracy_per_group"])
+        click.echo(f"step {s['step']}  {','.join(s['classes']):<24} acc {100 * s['accuracy']:5.1f}%  [{groups}]")
+    if plot:
+        click.echo(f"plot written to {plot}")

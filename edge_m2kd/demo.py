@@ -7,13 +7,16 @@ into joint training."""
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from edge_m2kd.config import LearnerConfig, method_config
 from edge_m2kd.data import class_order, load_digits, split_into_steps
+from edge_m2kd.commands import HOLDOUT_PER_CLASS
 from edge_m2kd.protocol import run_protocol
+from edge_m2kd.workspace import Workspace
 
 DEMO_STEPS, DEMO_CLASSES_PER_STEP, DEMO_SEED = 5, 2, 1993
 
@@ -47,7 +50,24 @@ def run_demo(cfg: LearnerConfig, workdir: Path, on_row: Callable[[dict[str, Any]
         if on_row:
             on_row(row)
 
-    result = run_protocol(train, test, steps, cfg, on_step=on_step)
+    # The demo leaves a real workspace behind: `edge-m2kd snapshots DIR/workspace --verify`,
+    # `history`, `memory` and `predict` work on it like on one built with add-classes.
     workdir.mkdir(parents=True, exist_ok=True)
+    ws_path = workdir / "workspace"
+    if ws_path.exists():
+        shutil.rmtree(ws_path)
+    ws = Workspace.create(ws_path, cfg)
+
+    def commit(learner, report, ev) -> None:  # noqa: ANN001 - protocol callback
+        on_step(learner, report, ev)
+        holdout = {c: test.images[test.labels == test.class_names.index(n)][:HOLDOUT_PER_CLASS]
+                   for c, n in enumerate(learner.class_names)}
+        ws.commit(learner, {"step": report.step, "classes": report.classes, "train_images": report.train_images,
+                            "seconds": report.seconds, "images_per_second": report.images_per_second,
+                            "losses": report.losses, "teachers": report.teachers, "holdout": ev.to_dict(),
+                            "memory": None}, holdout)
+
+    result = run_protocol(train, test, steps, cfg, on_step=commit)
+    result["workspace"] = str(ws_path)
     (workdir / "results.json").write_text(json.dumps(result, indent=2, default=float))
     return result

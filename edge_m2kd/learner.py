@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edge_m2kd import faults
 from edge_m2kd.config import IMAGE_MEAN, IMAGE_STD, LearnerConfig
 from edge_m2kd.data.augment import random_crop_flip
 from edge_m2kd.data.sources import ImageSet
@@ -22,8 +23,8 @@ from edge_m2kd.models import DeployedClassifier, IncrementalNet
 from edge_m2kd.preprocess import normalize, to_unit
 from edge_m2kd.snapshots import build_model, make_store
 
-# progress(epoch, epochs, mean loss so far, images per second)
-Progress = Callable[[int, int, float, float], None]
+# progress(phase, epoch, epochs, mean loss of the epoch, images per second); phase is "train" or "finetune"
+Progress = Callable[[str, int, int, float, float], None]
 EVAL_BATCH = 256
 PROBE_SIZE = 8
 
@@ -39,10 +40,18 @@ class StepReport:
     teachers: list[int] = field(default_factory=list)
 
 
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("device cuda was asked for but this torch has no CUDA device; use --device cpu or auto")
+    return torch.device(device)
+
+
 class Learner:
     def __init__(self, cfg: LearnerConfig) -> None:
         self.cfg = cfg
-        self.device = torch.device(cfg.train.device)
+        self.device = resolve_device(cfg.train.device)
         self.model = build_model(cfg.model, 0).to(self.device)
         self.store = make_store(cfg.snapshots, cfg.model)
         self.memory = ExemplarMemory(cfg.memory)
@@ -71,13 +80,16 @@ class Learner:
         teachers = {k: self._to_device(self.store.teacher(k)) for k in sorted({k for k, _ in terms})}
         self.store.prepare(self.model, t)
 
-        def train(model: IncrementalNet, masks: dict[str, torch.Tensor], epochs: int, lr: float) -> dict[str, float]:
-            return self._train(model, images, labels, teachers, terms, masks, epochs, lr, progress)
+        def train(model: IncrementalNet, masks: dict[str, torch.Tensor], epochs: int, lr: float, phase: str) -> dict[str, float]:
+            report = (lambda *a: progress(phase, *a)) if progress else None
+            return self._train(model, images, labels, teachers, terms, masks, epochs, lr, report)
 
-        losses = train(self.model, self.store.grad_masks(self.model), self.cfg.train.epochs, self.cfg.train.lr)
-        self.store.consolidate(
-            self.model, t, lambda m, masks, epochs: train(m, masks, epochs, self.cfg.snapshots.prune_finetune_lr)
-        )
+        losses = train(self.model, self.store.grad_masks(self.model), self.cfg.train.epochs, self.cfg.train.lr, "train")
+        def finetune_pruned(model: IncrementalNet, masks: dict[str, torch.Tensor], epochs: int) -> None:
+            faults.checkpoint("consolidate")
+            train(model, masks, epochs, self.cfg.snapshots.prune_finetune_lr, "finetune")
+
+        self.store.consolidate(self.model, t, finetune_pruned)
         self.memory.update(self.embed, new_images)
         self._correct_bias(new_ids)
         self.class_means = self.memory.class_means(self.embed, self.model.num_classes)
@@ -161,6 +173,7 @@ class Learner:
                 for key, value in zip(totals, (float(loss.total.detach()), loss.cls, loss.aux, loss.mm, loss.ml)):
                     totals[key] += value * len(idx)
                 seen += len(idx)
+            faults.checkpoint("train:epoch")
             if progress:
                 progress(epoch + 1, epochs, totals["loss"] / seen, seen / (time.perf_counter() - start))
         return {k: v / max(n, 1) for k, v in totals.items()}

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from edge_m2kd import faults
 from edge_m2kd.config import LearnerConfig
 from edge_m2kd.errors import UserError
 from edge_m2kd.learner import Learner
@@ -33,7 +34,7 @@ from edge_m2kd.snapshots import PackedSnapshots
 FORMAT_VERSION = 1
 MANIFEST = "workspace.json"
 GENERATIONS = "generations"
-FILES = ("model.safetensors", "snapshots.safetensors", "exemplars.safetensors")
+FILES = ("model.safetensors", "snapshots.safetensors", "exemplars.safetensors", "holdout.safetensors")
 
 
 def sha256(path: Path) -> str:
@@ -70,6 +71,10 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 def _disk_error(e: OSError, what: str) -> UserError:
     return UserError(f"could not write {what}: {e.strerror or e} ; the workspace is unchanged - free disk space "
                      "(or check permissions) and run the step again")
+
+
+def _class_arrays(per_class: dict[int, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {f"class.{c}": torch.from_numpy(np.ascontiguousarray(v)) for c, v in per_class.items()}
 
 
 class Workspace:
@@ -170,7 +175,14 @@ class Workspace:
         learner.memory.images = {int(k.split(".")[1]): v.numpy() for k, v in ex_t.items()}
         return learner
 
-    def commit(self, learner: Learner, history_entry: dict[str, Any]) -> None:
+    def load_holdout(self) -> dict[int, np.ndarray]:
+        """Held-out images per class id, kept to fill the accuracy matrix after each step."""
+        gen = self.generation_dir
+        if gen is None:
+            return {}
+        return {int(k.split(".")[1]): v.numpy() for k, v in load_file(gen / "holdout.safetensors").items()}
+
+    def commit(self, learner: Learner, history_entry: dict[str, Any], holdout: dict[int, np.ndarray]) -> None:
         """Write the learner as a new generation, then switch the manifest to it."""
         gen_name = f"gen-{self.steps + 1:06d}"
         gen = self.path / GENERATIONS / gen_name
@@ -178,16 +190,19 @@ class Workspace:
         if learner.class_means is not None:
             model_t["class_means"] = learner.class_means.detach().cpu().contiguous()
         snap_t, snap_meta = learner.store.state()
-        ex_t = {f"class.{c}": torch.from_numpy(np.ascontiguousarray(v)) for c, v in learner.memory.images.items()}
+        ex_t = _class_arrays(learner.memory.images)
+        holdout_t = _class_arrays(holdout)
         try:
             if gen.exists():
                 shutil.rmtree(gen)
             gen.mkdir(parents=True)
-            for name, tensors in zip(FILES, (model_t, snap_t, ex_t)):
+            for name, tensors in zip(FILES, (model_t, snap_t, ex_t, holdout_t)):
                 save_file({k: v.contiguous() for k, v in tensors.items()}, gen / name)
                 fsync_file(gen / name)
+                faults.checkpoint(f"commit:{name}")
             fsync_dir(gen)
             fsync_dir(gen.parent)
+            faults.checkpoint("commit:before-switch")
             manifest = dict(self.manifest)
             manifest.update(
                 generation=gen_name,
@@ -197,6 +212,7 @@ class Workspace:
                 history=[*self.manifest["history"], history_entry],
             )
             write_json_atomic(self.path / MANIFEST, manifest)
+            faults.checkpoint("commit:after-switch")
         except OSError as e:
             shutil.rmtree(gen, ignore_errors=True)
             raise _disk_error(e, f"step {self.steps + 1} to {self.path}") from e

@@ -7,6 +7,7 @@ whose CPU and GPU share one memory budget, and the exemplar memory stores exactl
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import pickle
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from edge_m2kd.errors import UserError
 
@@ -142,14 +143,14 @@ def _decode(path: str, size: int) -> np.ndarray:
     # letting PIL issue dozens of small reads on the file (measured on CIFAR's 1 KB JPEGs).
     with open(path, "rb") as fh:
         data = fh.read()
-    with Image.open(io.BytesIO(data)) as img:
+    with Image.open(io.BytesIO(data)) as opened:
         # JPEG only: let libjpeg decode at 1/2..1/8 scale when the target is much smaller,
         # the main cost of big camera photos. Never below `size`, so quality is kept.
-        img.draft("RGB", (size, size))
-        img.load()  # forces the full decode: a truncated file fails here, not later
+        opened.draft("RGB", (size, size))
+        opened.load()  # forces the full decode: a truncated file fails here, not later
         # Phone photos carry their rotation in EXIF; apply it so the image is the one the user saw.
-        ImageOps.exif_transpose(img, in_place=True)
-        img = _to_rgb(img)
+        ImageOps.exif_transpose(opened, in_place=True)
+        img = _to_rgb(opened)
         if img.size != (size, size):
             img = img.resize((size, size), Image.Resampling.BILINEAR)
         return np.asarray(img, dtype=np.uint8)
@@ -159,6 +160,8 @@ def _try_decode(path: str, size: int) -> np.ndarray | str:
     """The array, or the reason it could not be read (workers never raise, so order is kept)."""
     try:
         return _decode(path, size)
+    except UnidentifiedImageError:
+        return "not in an image format PIL can decode"  # PIL's own text names only a BytesIO
     except Exception as exc:  # noqa: BLE001 - any failure to decode makes the file unreadable
         return f"{type(exc).__name__}: {_one_line(str(exc))}"
 
@@ -245,7 +248,7 @@ def load_image_folder(
             )
         files.extend((path, nbytes, label) for path, nbytes in listed)
 
-    decode: Callable[[str], np.ndarray | str] = lambda path: _try_decode(path, size)  # noqa: E731
+    decode: Callable[[str], np.ndarray | str] = functools.partial(_try_decode, size=size)
     paths = [f[0] for f in files]
     mean_bytes = sum(f[1] for f in files) / len(files)
     workers = min(8, os.cpu_count() or 1)
@@ -345,14 +348,18 @@ class _CifarUnpickler(pickle.Unpickler):
             return _frombuffer
         if (module, name) == ("_codecs", "encode"):
             return _latin1_encode
-        raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        raise _RefusedGlobal(f"refused global {module}.{name}")
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle asked for a callable outside the allow-list (as opposed to being garbled)."""
 
 
 def _restricted_load(path: Path) -> Any:
     try:
         with open(path, "rb") as fh:
             return _CifarUnpickler(fh, encoding="bytes").load()
-    except pickle.UnpicklingError as exc:
+    except _RefusedGlobal as exc:
         raise UserError(
             f"refusing to load {_q(path)}: {_one_line(str(exc))}, which a CIFAR-100 python release "
             "never contains; re-download cifar-100-python.tar.gz from the official site"
@@ -433,9 +440,10 @@ def load_npz(path: str | Path) -> ImageSet:
     if not path.is_file():
         raise UserError(f"NPZ file {_q(path)} not found; check the path")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            if not hasattr(npz, "files"):
-                raise UserError(f"{_q(path)} is a single .npy array, not an .npz; save x and y with np.savez")
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise UserError(f"{_q(path)} is a single .npy array, not an .npz; save x and y with np.savez")
+        with loaded as npz:
             missing = [k for k in ("x", "y") if k not in npz.files]
             if missing:
                 raise UserError(

@@ -1,0 +1,332 @@
+"""The library behind each CLI command: open the workspace, do the work, return a
+JSON-serialisable dict. The CLI only parses arguments and prints these dicts."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from device.probes import PeakMemorySampler, process_rss_bytes
+from edge_m2kd import faults
+from edge_m2kd.config import LearnerConfig, method_config
+from edge_m2kd.data import load_image_folder, train_val_split
+from edge_m2kd.data.sources import IMAGE_EXTENSIONS, ImageSet
+from edge_m2kd.errors import UserError
+from edge_m2kd.evaluation import evaluate
+from edge_m2kd.learner import Learner, Progress
+from edge_m2kd.memory import largest_batch_that_fits, parse_budget, predict_training_peak, tensor_bytes
+from edge_m2kd.workspace import Workspace
+
+HOLDOUT_FRACTION = 0.1
+HOLDOUT_PER_CLASS = 20  # held-out images kept per class, for the accuracy matrix in `history`
+
+
+# -- init -------------------------------------------------------------------------------------
+def init_workspace(
+    path: str | Path,
+    backbone: str = "resnet32",
+    input_size: int = 32,
+    policy: str = "packed",
+    exemplars: int = 2000,
+    method: str = "m2kd",
+    budget: str | None = None,
+    device: str = "auto",
+    epochs: int = 30,
+    batch_size: int = 64,
+    planned_steps: int = 10,
+) -> dict[str, Any]:
+    cfg = method_config(
+        method,
+        model={"backbone": backbone, "input_size": input_size, "small_input_stem": backbone == "resnet18" and input_size < 64},
+        train={"device": device, "epochs": epochs, "batch_size": batch_size},
+        snapshots={"policy": policy, "planned_steps": planned_steps},
+    )
+    if cfg.memory.total:
+        cfg.memory.total = exemplars
+    budget_bytes = parse_budget(budget) if budget else None
+    ws = Workspace.create(path, cfg, {"memory_budget": budget, "memory_budget_bytes": budget_bytes})
+    return {"workspace": str(ws.path), "config": cfg.to_dict(), "memory_budget_bytes": budget_bytes}
+
+
+def _open(path: str | Path) -> tuple[Workspace, Learner]:
+    ws = Workspace.open(path)
+    return ws, ws.load_learner()
+
+
+# -- add-classes ------------------------------------------------------------------------------
+def _folder_classes(data: Path) -> list[str]:
+    if not data.is_dir():
+        raise UserError(f"data directory {str(data)!r} does not exist; give a folder with one subfolder per class")
+    names = sorted(p.name for p in data.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not names:
+        raise UserError(f"data directory {str(data)!r} has no class folders; put each class's images in DATA/<class>/")
+    return names
+
+
+def _teacher_count(cfg: LearnerConfig, t: int) -> int:
+    steps = set(range(1, t)) if cfg.loss.multi_model else set()
+    if cfg.loss.last_model_all_old and t > 1:
+        steps.add(t - 1)
+    return len(steps)
+
+
+def _predict_peak(learner: Learner, n_images: int, batch_size: int) -> dict[str, int]:
+    cfg = learner.cfg
+    return predict_training_peak(
+        learner.model, cfg.model.input_size, batch_size, n_images,
+        teachers=_teacher_count(cfg, learner.steps_done + 1),
+        snapshot_model_bytes=tensor_bytes(learner.model.state_dict().values()),
+        exemplar_bytes=learner.memory.nbytes,
+        runtime_bytes=process_rss_bytes(),
+        with_aux=cfg.loss.aux_heads or cfg.loss.multi_level,
+    ).to_dict()
+
+
+def _check_budget(budget: int | None, learner: Learner, n_images: int, batch_size: int) -> dict[str, int]:
+    """Refuse, before any training, a step whose predicted peak exceeds the budget."""
+    peak = _predict_peak(learner, n_images, batch_size)
+    if budget is not None and peak["total"] > budget:
+        fit = largest_batch_that_fits(lambda b: _predict_peak(learner, n_images, b)["total"], budget)
+        hint = f"try --batch-size {fit}" if fit else "even batch size 1 does not fit: raise the budget or use a smaller backbone"
+        raise UserError(f"step refused: predicted peak {peak['total'] / 2**20:.0f} MiB exceeds the budget "
+                        f"{budget / 2**20:.0f} MiB at batch size {batch_size}; {hint}")
+    return peak
+
+
+def add_classes(
+    path: str | Path,
+    data: str | Path,
+    classes: list[str] | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    on_corrupt: Literal["skip", "error"] = "skip",
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    ws, learner = _open(path)
+    data = Path(data)
+    available = _folder_classes(data)
+    if classes is None:
+        classes = [c for c in available if c not in learner.class_names]
+        if not classes:
+            raise UserError(f"every class in {str(data)!r} is already known ({', '.join(available)}); add folders of new classes")
+    for c in classes:  # refuse before reading a single image
+        if classes.count(c) > 1:
+            raise UserError(f"class {c!r} given twice; name each class once")
+        if c in learner.class_names:
+            raise UserError(f"class {c!r} already exists (learned at step {learner.step_of(c)}); leave it out with --classes")
+    cfg = learner.cfg
+    if epochs is not None:
+        cfg.train.epochs = epochs
+    if batch_size is not None:
+        cfg.train.batch_size = batch_size
+    images = load_image_folder(data, cfg.model.input_size, classes, on_corrupt=on_corrupt)
+    train, held_out = train_val_split(images, HOLDOUT_FRACTION, cfg.train.seed)
+    t = learner.steps_done + 1
+    predicted = _check_budget(ws.manifest.get("memory_budget_bytes"), learner, len(train), cfg.train.batch_size)
+    faults.checkpoint("before-train")
+    with PeakMemorySampler() as sampler:
+        report = learner.step(train, classes, progress)
+    holdout = _holdout(ws, learner, held_out)
+    ev = _holdout_eval(learner, holdout)
+    bytes_before = sum(ws.disk_bytes().values())
+    entry = {
+        "step": t,
+        "classes": classes,
+        "train_images": report.train_images,
+        "epochs": cfg.train.epochs,
+        "batch_size": cfg.train.batch_size,
+        "seconds": report.seconds,
+        "images_per_second": report.images_per_second,
+        "losses": report.losses,
+        "teachers": report.teachers,
+        "holdout": ev,
+        "memory": {"predicted_peak": predicted, "measured_peak_rss": sampler.peak_rss_bytes,
+                   "measured_peak_cuda": sampler.peak_cuda_bytes},
+        "free_fraction": getattr(learner.store, "free_fraction", lambda: None)(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    ws.commit(learner, entry, holdout)
+    entry["bytes_added"] = sum(ws.disk_bytes().values()) - bytes_before
+    return entry
+
+
+def _holdout(ws: Workspace, learner: Learner, held_out: ImageSet) -> dict[int, np.ndarray]:
+    keep = ws.load_holdout()
+    for name in held_out.class_names:
+        images = held_out.images[held_out.labels == held_out.class_names.index(name)]
+        if name in learner.class_names and len(images):
+            keep[learner.class_names.index(name)] = images[:HOLDOUT_PER_CLASS]
+    return keep
+
+
+def _holdout_eval(learner: Learner, holdout: dict[int, np.ndarray]) -> dict[str, Any]:
+    if not holdout:
+        return {}
+    images = np.concatenate(list(holdout.values()))
+    labels = np.concatenate([np.full(len(v), c) for c, v in holdout.items()])
+    data = ImageSet(images, labels.astype(np.int64), learner.class_names)
+    return evaluate(learner, data).to_dict()
+
+
+# -- eval / predict -----------------------------------------------------------------------------
+def evaluate_folder(path: str | Path, data: str | Path) -> dict[str, Any]:
+    ws, learner = _open(path)
+    if learner.steps_done == 0:
+        raise UserError(f"{path} has learned no classes yet; run `edge-m2kd add-classes` first")
+    names = _folder_classes(Path(data))
+    known = [n for n in names if n in learner.class_names]
+    if not known:
+        raise UserError(f"none of the test classes ({', '.join(names[:5])}) is known to the workspace (it knows "
+                        f"{', '.join(learner.class_names)}); the folder names must match the learned classes")
+    if len(known) < len(names):
+        warnings.warn(f"skipped test classes the workspace has not learned: {', '.join(n for n in names if n not in known)}",
+                      stacklevel=2)
+    test = load_image_folder(data, learner.cfg.model.input_size, known)
+    ev = evaluate(learner, test)
+    return {"classes": learner.class_names, "groups": [[learner.class_names[c] for c in g] for g in learner.groups],
+            **ev.to_dict()}
+
+
+def _read_images(paths: list[str], size: int) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    out = []
+    for p in paths:
+        if Path(p).suffix.lower() not in IMAGE_EXTENSIONS and not Path(p).is_file():
+            raise UserError(f"{p!r} is not an image file")
+        try:
+            with Image.open(p) as img:
+                out.append(np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8))
+        except (OSError, UnidentifiedImageError) as e:
+            raise UserError(f"cannot read image {p!r} ({type(e).__name__}); check the file") from e
+    return np.stack(out)
+
+
+def predict(path: str | Path, images: list[str], top_k: int = 1) -> dict[str, Any]:
+    ws, learner = _open(path)
+    if learner.steps_done == 0:
+        raise UserError(f"{path} has learned no classes yet; run `edge-m2kd add-classes` first")
+    model = learner.deployed().to(learner.device)
+    with torch.inference_mode():
+        from edge_m2kd.preprocess import to_unit
+
+        scores = torch.softmax(model(to_unit(_read_images(images, learner.cfg.model.input_size)).to(learner.device)), 1).cpu()
+    k = min(top_k, scores.shape[1])
+    results = []
+    for p, row in zip(images, scores):
+        top = row.topk(k)
+        results.append({"image": p, "predictions": [{"class": learner.class_names[i], "score": float(s)}
+                                                    for s, i in zip(top.values, top.indices.tolist())]})
+    return {"results": results}
+
+
+# -- reports ------------------------------------------------------------------------------------------
+def snapshot_report(path: str | Path, verify: bool = False) -> dict[str, Any]:
+    ws, learner = _open(path)
+    checks = {r.step: r for r in learner.store.verify()} if verify else {}
+    rows = []
+    for b in learner.store.bytes_report():
+        group = learner.groups[b.step - 1]
+        rows.append({
+            "step": b.step,
+            "classes": [learner.class_names[c] for c in group],
+            "bytes": b.bytes,
+            "full_copy_bytes": b.full_copy_bytes,
+            "parts": b.parts,
+            "verified": (checks[b.step].ok if verify else None),
+            "max_abs_diff": (checks[b.step].max_abs_diff if verify else None),
+        })
+    free = learner.store.free_fraction() if hasattr(learner.store, "free_fraction") else None
+    return {"policy": learner.store.policy, "snapshots": rows, "free_fraction": free,
+            "all_verified": all(r["verified"] for r in rows) if verify else None}
+
+
+def memory_report(path: str | Path, budget: str | None = None, new_images: int | None = None) -> dict[str, Any]:
+    ws, learner = _open(path)
+    cfg = learner.cfg
+    budget_bytes = parse_budget(budget) if budget else ws.manifest.get("memory_budget_bytes")
+    history = ws.manifest["history"]
+    n_new = new_images or (history[-1]["train_images"] if history else 5000)
+    snapshots = learner.store.bytes_report()
+    weights = tensor_bytes(learner.model.state_dict().values())
+    peak = _predict_peak(learner, n_new, cfg.train.batch_size)
+    report: dict[str, Any] = {
+        "weights": weights,
+        "snapshots": [{"step": s.step, "bytes": s.bytes, **s.parts} for s in snapshots],
+        "snapshots_total": sum(s.bytes for s in snapshots),
+        "exemplars": learner.memory.nbytes,
+        "optimizer_state": peak["optimizer_state"],
+        "activations": peak["activations"],
+        "exported_engine": _export_bytes(ws.path),
+        "next_step": {"new_images": n_new, "batch_size": cfg.train.batch_size, "predicted_peak": peak},
+        "budget": budget_bytes,
+    }
+    report["stored_total"] = weights + report["snapshots_total"] + report["exemplars"] + (report["exported_engine"] or 0)
+    if budget_bytes is not None:
+        report["fits"] = peak["total"] <= budget_bytes
+        report["next_step"]["largest_batch_size"] = largest_batch_that_fits(
+            lambda b: _predict_peak(learner, n_new, b)["total"], budget_bytes)
+        image_bytes = cfg.model.input_size**2 * 3
+        report["next_step"]["largest_exemplar_count"] = max(0, (budget_bytes - peak["total"] + peak["exemplars"]) // image_bytes)
+    if history and history[-1].get("memory"):
+        report["last_step_measured_peak_rss"] = history[-1]["memory"]["measured_peak_rss"]
+        report["last_step_predicted_peak"] = history[-1]["memory"]["predicted_peak"]["total"]
+    return report
+
+
+def _export_bytes(ws_path: Path) -> int | None:
+    exports = ws_path / "exports"
+    files = [p for p in exports.glob("*") if p.is_file()] if exports.is_dir() else []
+    return sum(p.stat().st_size for p in files) or None
+
+
+def history_report(path: str | Path) -> dict[str, Any]:
+    ws = Workspace.open(path)
+    steps = ws.manifest["history"]
+    return {"steps": [{"step": h["step"], "classes": h["classes"], "accuracy": h["holdout"].get("deployed_accuracy"),
+                       "nme_accuracy": h["holdout"].get("nme_accuracy"),
+                       "accuracy_per_group": h["holdout"].get("accuracy_per_group", []),
+                       "seconds": h["seconds"]} for h in steps]}
+
+
+def plot_history(report: dict[str, Any], png: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = report["steps"]
+    if not steps:
+        raise UserError("the workspace has no steps yet; nothing to plot")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    xs = [s["step"] for s in steps]
+    ax1.plot(xs, [100 * s["accuracy"] for s in steps], "o-", label="deployed classifier")
+    if all(s["nme_accuracy"] is not None for s in steps):
+        ax1.plot(xs, [100 * s["nme_accuracy"] for s in steps], "s--", label="NME")
+    ax1.set(xlabel="step", ylabel="held-out accuracy (%)", title="Accuracy over steps", ylim=(0, 100), xticks=xs)
+    ax1.grid(alpha=0.3)
+    ax1.legend()
+    n = len(steps)
+    matrix = np.full((n, n), np.nan)
+    for i, s in enumerate(steps):
+        matrix[i, : len(s["accuracy_per_group"])] = 100 * np.array(s["accuracy_per_group"], dtype=float)
+    im = ax2.imshow(matrix, vmin=0, vmax=100, cmap="viridis")
+    for i in range(n):
+        for j in range(i + 1):
+            if not np.isnan(matrix[i, j]):
+                ax2.text(j, i, f"{matrix[i, j]:.0f}", ha="center", va="center", color="w", fontsize=8)
+    ax2.set(xlabel="class group (step learned)", ylabel="after step", title="Accuracy matrix (%)",
+            xticks=range(n), yticks=range(n), xticklabels=xs, yticklabels=xs)
+    fig.colorbar(im, ax=ax2, label="accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def learner_config(path: str | Path) -> LearnerConfig:
+    return Workspace.open(path).config

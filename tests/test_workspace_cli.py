@@ -1,0 +1,221 @@
+"""The workspace and the CLI as a user drives them: every command, bad input, crash safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from edge_m2kd.cli import main
+from edge_m2kd.data import load_digits
+from edge_m2kd.workspace import FORMAT_VERSION, Workspace
+
+CLASSES_PER_STEP = [["0", "1"], ["2", "3"]]
+INIT = ["--backbone", "resnet20", "--input-size", "16", "--exemplars", "40", "--epochs", "4",
+        "--batch-size", "32", "--planned-steps", "3", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    """Digits as an ImageFolder: train/<class>/*.png (40 per class) and test/<class>/*.png."""
+    root = tmp_path_factory.mktemp("digits")
+    for split, per_class in (("train", 40), ("test", 15)):
+        data = load_digits(split, size=16)
+        for c, name in enumerate(data.class_names[:5]):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i, img in enumerate(data.images[data.labels == c][:per_class]):
+                Image.fromarray(img).save(folder / f"{i:03d}.png")
+    return {"train": root / "train", "test": root / "test"}
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def make_workspace(path: Path, folders: dict[str, Path], steps: int = 1, *extra: str) -> Path:
+    assert cli("init", path, *INIT, *extra)[0] == 0
+    for classes in CLASSES_PER_STEP[:steps]:
+        code, out, err = cli("add-classes", path, folders["train"], "--classes", ",".join(classes))
+        assert code == 0, err
+    return path
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, folders) -> Path:
+    return make_workspace(tmp_path_factory.mktemp("ws") / "ws", folders, steps=2)
+
+
+def test_workspace_commands_end_to_end(ws, folders, tmp_path):
+    code, out, _ = cli("snapshots", ws, "--verify", "--json")
+    report = json.loads(out)
+    assert code == 0 and [s["step"] for s in report["snapshots"]] == [1, 2]
+    assert all(s["verified"] for s in report["snapshots"])
+    assert all(0 < s["bytes"] < s["full_copy_bytes"] for s in report["snapshots"])
+    assert (ws / "workspace.json").is_file()
+
+    code, out, _ = cli("eval", ws, folders["test"], "--json")
+    ev = json.loads(out)
+    assert code == 0 and ev["samples"] == 4 * 15 and len(ev["accuracy_per_group"]) == 2
+    assert ev["deployed_accuracy"] > 0.25  # 4 classes, chance is 0.25; one epoch-light step each
+    # eval and predict agree: the fraction of top-1 predictions that name the folder's class
+    images = [p for c in "0123" for p in sorted((folders["test"] / c).iterdir())]
+    code, out, _ = cli("predict", ws, *images, "--json")
+    top1 = [r["predictions"][0]["class"] == Path(r["image"]).parent.name for r in json.loads(out)["results"]]
+    assert code == 0 and abs(np.mean(top1) - ev["deployed_accuracy"]) < 1e-9
+
+    image = next((folders["test"] / "2").iterdir())
+    code, out, _ = cli("predict", ws, image, "--top-k", "3", "--json")
+    preds = json.loads(out)["results"][0]["predictions"]
+    assert code == 0 and len(preds) == 3
+    assert [p["score"] for p in preds] == sorted((p["score"] for p in preds), reverse=True)
+    assert {p["class"] for p in preds} <= {"0", "1", "2", "3"}
+
+    png = tmp_path / "history.png"
+    code, out, _ = cli("history", ws, "--plot", png, "--json")
+    hist = json.loads(out)
+    assert code == 0 and [len(s["accuracy_per_group"]) for s in hist["steps"]] == [1, 2]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+    code, out, _ = cli("memory", ws, "--budget", "orin-nano-4gb", "--json")
+    mem = json.loads(out)
+    assert code == 0 and mem["fits"] and len(mem["snapshots"]) == 2
+    assert mem["next_step"]["predicted_peak"]["activations"] > 0
+    assert mem["next_step"]["largest_batch_size"] >= 32
+
+
+def checksum(path: Path) -> str:
+    return Workspace.open(path).checksum()
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["add-classes", "{ws}", "{missing}"], "does not exist"),
+        (["add-classes", "{ws}", "{empty}"], "no class folders"),
+        (["add-classes", "{ws}", "{train}", "--classes", "1"], "already exists"),
+        (["add-classes", "{ws}", "{train}", "--classes", "4,4"], "given twice"),
+        (["add-classes", "{ws}", "{bad}"], "no readable image"),
+        (["add-classes", "{ws}", "{train}", "--classes", "0,1,2,3"], "already exists"),
+        (["eval", "{ws}", "{unknown}"], "none of the test classes"),
+        (["memory", "{ws}", "--budget", "lots"], "cannot read the memory budget"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(ws, folders, tmp_path, args, needle):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = tmp_path / "bad"
+    (bad / "x").mkdir(parents=True)
+    (bad / "x" / "a.jpg").write_bytes(b"not a jpeg at all")
+    (bad / "x" / "notes.txt").write_text("hello")
+    unknown = tmp_path / "unknown"
+    (unknown / "zebra").mkdir(parents=True)
+    subs = {"ws": ws, "missing": tmp_path / "nope", "empty": empty, "train": folders["train"], "bad": bad,
+            "unknown": unknown}
+    before = checksum(ws)
+    code, out, err = cli(*[a.format(**{k: str(v) for k, v in subs.items()}) for a in args])
+    assert code == 2, (out, err)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and needle in lines[0], err
+    assert checksum(ws) == before
+
+
+def test_corrupt_image_among_good_ones_is_skipped_or_refused(tmp_path, folders):
+    data = tmp_path / "data"
+    (data / "4").mkdir(parents=True)
+    for i, src in enumerate(sorted((folders["train"] / "4").iterdir())[:20]):
+        (data / "4" / f"{i}.png").write_bytes(src.read_bytes())
+    good = (data / "4" / "0.png").read_bytes()
+    (data / "4" / "broken.png").write_bytes(good[: len(good) // 2])
+    # another size and mode: converted, not refused
+    Image.fromarray(np.full((40, 30), 128, np.uint8), "L").save(data / "4" / "grey.png")
+    ws = make_workspace(tmp_path / "ws", folders, steps=1)
+    before = checksum(ws)
+    code, _, err = cli("add-classes", ws, data, "--on-corrupt", "error")
+    assert code == 2 and "broken.png" in err and checksum(ws) == before
+    code, _, err = cli("add-classes", ws, data)
+    assert code == 0 and "broken.png" in err and "warning" in err
+    assert Workspace.open(ws).steps == 2
+
+
+def test_newer_format_version_is_refused(tmp_path, folders):
+    ws = tmp_path / "ws"
+    assert cli("init", ws, *INIT)[0] == 0
+    manifest = json.loads((ws / "workspace.json").read_text())
+    manifest["format_version"] = FORMAT_VERSION + 1
+    (ws / "workspace.json").write_text(json.dumps(manifest))
+    code, _, err = cli("add-classes", ws, folders["train"], "--classes", "0")
+    assert code == 2 and "newer edge-m2kd" in err
+
+
+def test_budget_too_small_refuses_before_training(tmp_path, folders):
+    ws = tmp_path / "ws"
+    assert cli("init", ws, *INIT, "--memory-budget", "64MiB")[0] == 0
+    before = checksum(ws)
+    code, _, err = cli("add-classes", ws, folders["train"], "--classes", "0,1")
+    assert code == 2 and "exceeds the budget" in err and "even batch size 1" in err
+    assert checksum(ws) == before and Workspace.open(ws).steps == 0
+
+
+def run_cli_process(*args: str, env: dict | None = None, fsize: int | None = None) -> subprocess.CompletedProcess:
+    def limit() -> None:
+        if fsize is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+    return subprocess.run([sys.executable, "-m", "edge_m2kd", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, preexec_fn=limit, timeout=300)
+
+
+def state_of(ws: Path) -> tuple[str, list[bool]]:
+    opened = Workspace.open(ws)
+    verified = [r.ok for r in opened.load_learner().store.verify()]
+    return opened.checksum(), verified
+
+
+@pytest.mark.parametrize("point", ["train:epoch", "consolidate", "commit:model.safetensors",
+                                   "commit:before-switch"])
+def test_sigkill_mid_step_leaves_the_previous_state(tmp_path, folders, point):
+    ws = make_workspace(tmp_path / "ws", folders, steps=1)
+    reference = tmp_path / "reference"
+    shutil.copytree(ws, reference)
+    before = state_of(ws)
+    proc = run_cli_process("add-classes", ws, folders["train"], "--classes", "2,3", env={"EDGE_M2KD_KILL_AT": point})
+    assert proc.returncode == -9, proc.stderr
+    assert state_of(ws) == before  # opens, verifies, and is exactly the state before the step
+    assert not any(p.name.endswith(".tmp") for p in ws.iterdir())
+    assert len(list((ws / "generations").iterdir())) == 1  # the half-written generation is gone
+    # the step can be rerun, to the same result as an uninterrupted run from the same state
+    for path in (ws, reference):
+        assert run_cli_process("add-classes", path, folders["train"], "--classes", "2,3").returncode == 0
+    assert Workspace.open(ws).manifest["files"] == Workspace.open(reference).manifest["files"]
+
+
+def test_sigkill_after_the_switch_keeps_the_new_step(tmp_path, folders):
+    ws = make_workspace(tmp_path / "ws", folders, steps=1)
+    proc = run_cli_process("add-classes", ws, folders["train"], "--classes", "2,3",
+                           env={"EDGE_M2KD_KILL_AT": "commit:after-switch"})
+    assert proc.returncode == -9
+    opened = Workspace.open(ws)
+    assert opened.steps == 2 and all(r.ok for r in opened.load_learner().store.verify())
+
+
+def test_disk_full_during_commit_changes_nothing(tmp_path, folders):
+    ws = make_workspace(tmp_path / "ws", folders, steps=1)
+    before = state_of(ws)
+    proc = run_cli_process("add-classes", ws, folders["train"], "--classes", "2,3", fsize=200_000)
+    assert proc.returncode == 2, proc.stderr
+    err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "could not write" in err[0] and "unchanged" in err[0]
+    assert state_of(ws) == before
