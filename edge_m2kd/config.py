@@ -46,6 +46,7 @@ class TrainConfig:
     seed: int = 1993
     device: str = "cpu"
     channels_last: bool = True  # about 1.6x faster convolutions on CPU
+    stack_teachers: bool = True  # fold BatchNorm and run all teachers as one grouped forward
     crop_pad: int = 4
     flip: bool = True  # off for data where a mirror image is another class (digits)
     bias_correction: BiasCorrection = "weight_aligning"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -22,11 +23,13 @@ from edge_m2kd.losses import m2kd_loss, teacher_terms
 from edge_m2kd.models import DeployedClassifier, IncrementalNet
 from edge_m2kd.preprocess import normalize, to_unit
 from edge_m2kd.snapshots import build_model, make_store
+from edge_m2kd.teachers import build_teachers
 
 # progress(phase, epoch, epochs, mean loss of the epoch, images per second); phase is "train" or "finetune"
 Progress = Callable[[str, int, int, float, float], None]
 EVAL_BATCH = 256
 PROBE_SIZE = 8
+M = TypeVar("M", bound=torch.nn.Module)
 
 
 @dataclass
@@ -77,7 +80,8 @@ class Learner:
 
         images, labels = self._training_set(new_images)
         terms = teacher_terms(t, self.groups, self.cfg.loss)
-        teachers = {k: self._to_device(self.store.teacher(k)) for k in sorted({k for k, _ in terms})}
+        snapshots = {k: self.store.teacher(k) for k in sorted({k for k, _ in terms})}
+        teachers = build_teachers(snapshots, stacked=self.cfg.train.stack_teachers)
         self.store.prepare(self.model, t)
 
         def train(model: IncrementalNet, masks: dict[str, torch.Tensor], epochs: int, lr: float, phase: str) -> dict[str, float]:
@@ -96,7 +100,7 @@ class Learner:
         self.store.commit(t, self.model, probe=images[:PROBE_SIZE])
         seconds = time.perf_counter() - start
         n_seen = len(images) * self.cfg.train.epochs
-        return StepReport(t, classes, len(images), seconds, n_seen / seconds, losses, sorted(teachers))
+        return StepReport(t, classes, len(images), seconds, n_seen / seconds, losses, sorted(snapshots))
 
     def _new_classes(self, data: ImageSet, classes: list[str] | None) -> list[str]:
         present = [n for i, n in enumerate(data.class_names) if np.any(data.labels == i)]
@@ -127,7 +131,7 @@ class Learner:
             labels.append(ex_labels)
         return np.concatenate(images), np.concatenate(labels)
 
-    def _to_device(self, model: IncrementalNet) -> IncrementalNet:
+    def _to_device(self, model: M) -> M:
         model = model.to(self.device)
         if self.cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -145,6 +149,8 @@ class Learner:
         masks also cover it: a frozen (owned) weight must not move at all."""
         tc, n = self.cfg.train, len(images)
         self._to_device(model).train()
+        if teachers is not None:
+            self._to_device(teachers)
         params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         opt = torch.optim.SGD(params.values(), lr=lr, momentum=tc.momentum, weight_decay=0.0)
         batches = max(1, -(-n // tc.batch_size))
@@ -157,8 +163,10 @@ class Learner:
             totals, seen, start = {"loss": 0.0, "cls": 0.0, "aux": 0.0, "mm": 0.0, "ml": 0.0}, 0, time.perf_counter()
             for idx in torch.randperm(n, generator=gen).split(tc.batch_size):
                 x, y = self._batch(images[idx.numpy()], True, gen), labels_t[idx].to(self.device)
-                with torch.inference_mode():
-                    teacher_outs = {k: teacher(x, with_aux=self.cfg.loss.multi_level) for k, teacher in teachers.items()}
+                teacher_outs = {}
+                if teachers is not None:
+                    with torch.inference_mode():
+                        teacher_outs = teachers(x, with_aux=self.cfg.loss.multi_level)
                 out = model(x, with_aux=with_aux)
                 loss = m2kd_loss(out, y, terms, teacher_outs, self.cfg.loss)
                 opt.zero_grad(set_to_none=True)
