@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -93,14 +94,16 @@ WS = click.Path(path_type=Path)
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--planned-steps", default=10, show_default=True, type=click.IntRange(1),
               help="packed snapshots: how many steps the free weights must last")
+@click.option("--flip/--no-flip", default=True, show_default=True,
+              help="mirror images in training; turn off where a mirror image is another class (text, digits, signs)")
 @click.option("--json", "as_json", is_flag=True)
 def init(ws: Path, backbone, input_size, policy, exemplars, method, memory_budget, device, epochs, batch_size,
-         planned_steps, as_json) -> None:
+         planned_steps, flip, as_json) -> None:
     """Create a workspace WS."""
     from edge_m2kd.commands import init_workspace
 
     out = init_workspace(ws, backbone, input_size, policy, exemplars, method, memory_budget, device, epochs,
-                         batch_size, planned_steps)
+                         batch_size, planned_steps, flip)
     if as_json:
         emit_json(out)
     else:
@@ -130,7 +133,8 @@ def add_classes(ws: Path, data: Path, classes, epochs, batch_size, on_corrupt, a
         if phase not in bars:
             for other in bars.values():
                 other.close()
-            bars[phase] = tqdm(total=epochs_total, desc=phase, unit="epoch", disable=as_json, file=sys.stderr)
+            quiet = as_json or os.environ.get("RANK", "0") != "0"  # one bar, from rank 0, under torchrun
+            bars[phase] = tqdm(total=epochs_total, desc=phase, unit="epoch", disable=quiet, file=sys.stderr)
         bars[phase].update(1)
         bars[phase].set_postfix(loss=f"{loss:.3f}", img_s=f"{ips:.0f}")
 
@@ -140,6 +144,8 @@ def add_classes(ws: Path, data: Path, classes, epochs, batch_size, on_corrupt, a
     finally:
         for bar in bars.values():
             bar.close()
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 reports for all
     if as_json:
         emit_json(entry)
         return

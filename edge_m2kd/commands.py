@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from device.probes import PeakMemorySampler, process_rss_bytes
-from edge_m2kd import faults
+from edge_m2kd import distributed, faults
 from edge_m2kd.config import LearnerConfig, method_config
 from edge_m2kd.data import load_image_folder, train_val_split
 from edge_m2kd.data.sources import IMAGE_EXTENSIONS, ImageSet
@@ -39,11 +39,13 @@ def init_workspace(
     epochs: int = 30,
     batch_size: int = 64,
     planned_steps: int = 10,
+    flip: bool = True,
 ) -> dict[str, Any]:
     cfg = method_config(
         method,
         model={"backbone": backbone, "input_size": input_size, "small_input_stem": backbone == "resnet18" and input_size < 64},
-        train={"device": device, "epochs": epochs, "batch_size": batch_size},
+        train={"device": device, "epochs": epochs, "batch_size": batch_size, "flip": flip,
+               "crop_pad": max(1, input_size // 8)},
         snapshots={"policy": policy, "planned_steps": planned_steps},
     )
     if cfg.memory.total:
@@ -107,6 +109,7 @@ def add_classes(
     on_corrupt: Literal["skip", "error"] = "skip",
     progress: Progress | None = None,
 ) -> dict[str, Any]:
+    distributed.init_from_env(Workspace.open(path).config.train.device)
     ws, learner = _open(path)
     data = Path(data)
     available = _folder_classes(data)
@@ -150,8 +153,17 @@ def add_classes(
         "free_fraction": getattr(learner.store, "free_fraction", lambda: None)(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    ws.commit(learner, entry, holdout)
-    entry["bytes_added"] = sum(ws.disk_bytes().values()) - bytes_before
+    rank, world_size = distributed.world()
+    digests = distributed.parameter_digests(learner.model)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"ranks disagree on the student's parameters after the step ({digests}); nothing committed")
+    entry["distributed"] = {"world_size": world_size, "parameter_digests": digests, "global_batch_size": cfg.train.batch_size,
+                            "per_rank_batch_size": cfg.train.batch_size // world_size, "lr": cfg.train.lr,
+                            "lr_scaling": "none: the global batch size and lr are the configured ones"}
+    if rank == 0:
+        ws.commit(learner, entry, holdout)
+        entry["bytes_added"] = sum(ws.disk_bytes().values()) - bytes_before
+    distributed.barrier()  # no rank goes on (or exits) before the commit is whole
     return entry
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edge_m2kd import faults
+from edge_m2kd import distributed, faults
 from edge_m2kd.config import IMAGE_MEAN, IMAGE_STD, LearnerConfig
 from edge_m2kd.data.augment import random_crop_flip
 from edge_m2kd.data.sources import ImageSet
@@ -152,22 +152,30 @@ class Learner:
         if teachers is not None:
             self._to_device(teachers)
         params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        rank, world_size = distributed.world()
+        net = distributed.wrap(model, self.device)
         opt = torch.optim.SGD(params.values(), lr=lr, momentum=tc.momentum, weight_decay=0.0)
         batches = max(1, -(-n // tc.batch_size))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * batches)
-        gen = torch.Generator().manual_seed(tc.seed + len(self.groups))
+        # One order of global batches on every rank; each rank augments its own share.
+        order_gen = torch.Generator().manual_seed(tc.seed + len(self.groups))
+        augment_gen = torch.Generator().manual_seed(tc.seed + len(self.groups) + 7919 * rank)
         labels_t = torch.from_numpy(labels)
         with_aux = self.cfg.loss.aux_heads or self.cfg.loss.multi_level
         totals: dict[str, float] = {}
+        seen = 0
         for epoch in range(epochs):
             totals, seen, start = {"loss": 0.0, "cls": 0.0, "aux": 0.0, "mm": 0.0, "ml": 0.0}, 0, time.perf_counter()
-            for idx in torch.randperm(n, generator=gen).split(tc.batch_size):
-                x, y = self._batch(images[idx.numpy()], True, gen), labels_t[idx].to(self.device)
+            for global_idx in torch.randperm(n, generator=order_gen).split(tc.batch_size):
+                if len(global_idx) < world_size:
+                    continue  # every rank must take part in every batch, or DDP waits forever
+                idx = global_idx[rank::world_size]
+                x, y = self._batch(images[idx.numpy()], True, augment_gen), labels_t[idx].to(self.device)
                 teacher_outs = {}
                 if teachers is not None:
                     with torch.inference_mode():
                         teacher_outs = teachers(x, with_aux=self.cfg.loss.multi_level)
-                out = model(x, with_aux=with_aux)
+                out = net(x, with_aux=with_aux)
                 loss = m2kd_loss(out, y, terms, teacher_outs, self.cfg.loss)
                 opt.zero_grad(set_to_none=True)
                 loss.total.backward()
@@ -182,9 +190,12 @@ class Learner:
                     totals[key] += value * len(idx)
                 seen += len(idx)
             faults.checkpoint("train:epoch")
+            *sums, seen = distributed.sum_across_ranks([*totals.values(), seen])
+            totals = dict(zip(totals, sums))
             if progress:
                 progress(epoch + 1, epochs, totals["loss"] / seen, seen / (time.perf_counter() - start))
-        return {k: v / max(n, 1) for k, v in totals.items()}
+        distributed.sync_buffers(model)
+        return {k: v / max(seen, 1) for k, v in totals.items()}
 
     # -- the new-class bias --------------------------------------------------------------
     def _correct_bias(self, new_ids: list[int]) -> None:

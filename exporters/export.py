@@ -141,6 +141,8 @@ def export_model(
     data = tamper(exported.data) if tamper is not None else exported.data
     model_hash = sha256_bytes(data)
     kind = classifier or ("nme" if getattr(model, "normalize_features", False) else "cnn")
+    if kind not in ("cnn", "nme"):
+        raise ValueError(f"classifier must be 'cnn' or 'nme', got {kind!r}")
     probe, source = select_probe(probe_images, input_size, max_samples)
 
     with staged_file(onnx_path, "ONNX model") as (tmp, f):

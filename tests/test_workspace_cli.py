@@ -21,7 +21,7 @@ from edge_m2kd.workspace import FORMAT_VERSION, Workspace
 
 CLASSES_PER_STEP = [["0", "1"], ["2", "3"]]
 INIT = ["--backbone", "resnet20", "--input-size", "16", "--exemplars", "40", "--epochs", "4",
-        "--batch-size", "32", "--planned-steps", "3", "--device", "cpu"]
+        "--batch-size", "32", "--planned-steps", "3", "--device", "cpu", "--no-flip"]
 
 
 @pytest.fixture(scope="module")

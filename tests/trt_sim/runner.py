@@ -10,8 +10,11 @@ from types import ModuleType
 import numpy as np
 
 
-def run_engine(trt: ModuleType, plan: bytes, inputs: np.ndarray, cuda: ModuleType) -> np.ndarray:
+def run_engine(trt: ModuleType, plan: bytes, inputs: np.ndarray) -> np.ndarray:
     """Logits for float32 NCHW ``inputs`` from the engine in ``plan``."""
+    import pycuda.autoinit  # noqa: F401 - the CUDA context, as a device runtime makes it
+    import pycuda.driver as cuda
+
     logger = trt.Logger(trt.Logger.WARNING)
     engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
     if engine is None:

@@ -1,0 +1,419 @@
+"""Class-incremental accuracy of every method on CIFAR-10 (JPEGs), in one process.
+
+Protocol (DESIGN.md section 5): 5 steps of 2 classes in a fixed seeded class order
+(``class_order(..., 1993)``), ResNet-32, an exemplar memory of 200 (and 500) images, CNN and
+NME accuracy after every step. Every method is a configuration of the one learner and runs
+with the same seeds and schedule. Results are written after each method, so a run cut short
+keeps what finished.
+
+    python -m benchmarks.cil --schedule smoke                    # digits, seconds
+    python -m benchmarks.cil --schedule cpu-short --memory 200   # CIFAR-10, 500 images/class, 30 epochs
+    python -m benchmarks.cil --schedule full --memory 200,500 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import sys
+import tarfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.common import (
+    REPO_ROOT,
+    add_output_args,
+    emit,
+    format_table,
+    human_bytes,
+    log,
+    output_dir,
+    parse_int_list,
+    parse_names,
+    plot_lines,
+    torch_threads,
+    write_json,
+)
+from edge_m2kd.config import METHODS, LearnerConfig, method_config
+from edge_m2kd.data import (
+    ImageSet,
+    class_order,
+    load_digits,
+    load_image_folder,
+    per_class_limit,
+    split_into_steps,
+)
+from edge_m2kd.errors import UserError
+from edge_m2kd.learner import Learner
+from edge_m2kd.protocol import run_protocol
+
+NAME = "cil"
+N_STEPS, CLASSES_PER_STEP, ORDER_SEED = 5, 2, 1993
+POLICIES = ("full", "packed", "sparse")
+ALL_METHODS = ("finetune", "lwf", "icarl", "m2kd-full", "m2kd-sparse", "m2kd-packed",
+               "m2kd-multi-model", "m2kd-multi-level", "joint")
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+DEFAULT_CACHE = Path("runs") / "cache" / "cifar10"
+
+# Published anchors on this split: ResNet-18, full schedules, final accuracy (%), buffer 200 / 500.
+ANCHORS: dict[str, tuple[float, float | None]] = {
+    "iCaRL": (49.0, 47.6), "ER": (44.8, 57.7), "DER++": (64.9, 72.7), "joint": (92.2, None),
+}
+TARGET_SCHEDULE, TARGET_MEMORY = "cpu-short", 200
+
+
+@dataclass(frozen=True)
+class Schedule:
+    dataset: str  # "cifar10" or "digits"
+    backbone: str
+    input_size: int
+    per_class: int | None  # training images kept per class (per_class_limit)
+    epochs: int
+    batch_size: int
+    lr: float
+    memory: int  # default exemplar memory
+    device: str
+    crop_pad: int = 4
+    flip: bool = True
+    prune_finetune_epochs: int = 3
+    threads: int | None = None  # torch threads; None: torch's choice
+
+
+SCHEDULES = {
+    # Digits are not mirror-symmetric (a flipped 2 is not a 2); 8x8 images upscaled to 16.
+    # One thread: tiny batches gain little from two, and on a busy shared machine two threads can
+    # be many times slower than one (measured: 40x for a ResNet-32 forward under load).
+    "smoke": Schedule("digits", "resnet20", 16, None, 2, 32, 0.05, 100, "cpu", crop_pad=2, flip=False,
+                      prune_finetune_epochs=1, threads=1),
+    "cpu-short": Schedule("cifar10", "resnet32", 32, 500, 30, 64, 0.1, 200, "cpu"),
+    "full": Schedule("cifar10", "resnet32", 32, None, 50, 64, 0.1, 200, "auto"),
+}
+
+
+# ----------------------------------------------------------------------------- data
+
+def cifar_root(data: Path, cache: Path) -> Path:
+    """A folder with train/ and test/: `data` itself, or the tarball unpacked once into `cache`."""
+    if data.is_dir():
+        if (data / "train").is_dir() and (data / "test").is_dir():
+            return data
+        raise UserError(f"{data} has no train/ and test/ folders; pass the CIFAR-10 tarball or its unpacked folder")
+    if not data.is_file():
+        raise UserError(f"CIFAR-10 not found at {data}; pass --data cifar10-jpeg.tar.gz (or its unpacked folder)")
+    stamp = f"{data.resolve()} {data.stat().st_size} {int(data.stat().st_mtime)}"
+    done = cache / ".unpacked-from"
+    if done.is_file() and done.read_text() == stamp:
+        return cache
+    log(f"unpacking {data} to {cache} (once) ...")
+    partial = cache.with_name(cache.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    with tarfile.open(data) as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(partial, filter="data")
+        else:  # Python without extraction filters
+            tar.extractall(partial)  # noqa: S202 - our own data set
+    inner = partial
+    if not (inner / "train").is_dir():  # one top-level folder inside the tarball
+        subs = [p for p in partial.iterdir() if p.is_dir()]
+        if len(subs) == 1 and (subs[0] / "train").is_dir():
+            inner = subs[0]
+        else:
+            raise UserError(f"{data} has no train/ and test/ folders inside")
+    shutil.rmtree(cache, ignore_errors=True)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(inner, cache)
+    shutil.rmtree(partial, ignore_errors=True)
+    done.write_text(stamp)
+    return cache
+
+
+def load_data(sched: Schedule, data: Path, cache: Path, per_class: int | None,
+              test_per_class: int | None) -> tuple[ImageSet, ImageSet]:
+    start = time.perf_counter()
+    if sched.dataset == "digits":
+        train, test = load_digits("train", size=sched.input_size), load_digits("test", size=sched.input_size)
+    else:
+        root = cifar_root(data, cache)
+        train = load_image_folder(root / "train", sched.input_size)
+        test = load_image_folder(root / "test", sched.input_size)
+    train = per_class_limit(train, per_class, ORDER_SEED)
+    test = per_class_limit(test, test_per_class, ORDER_SEED)
+    log(f"data: {len(train)} training and {len(test)} test images, {len(train.class_names)} classes "
+        f"({time.perf_counter() - start:.1f} s)")
+    return train, test
+
+
+# ----------------------------------------------------------------------------- methods
+
+def resolve_method(name: str, ablation_policy: str) -> tuple[str, str]:
+    """Benchmark method name -> (learner method, snapshot policy). ``m2kd-full`` is M2KD with
+    full snapshots; an ablation without a policy suffix uses `ablation_policy`; baselines keep
+    the policy their METHODS entry names."""
+    base, policy = name, None
+    for p in POLICIES:
+        if name.endswith("-" + p) and name[: -len(p) - 1] in METHODS:
+            base, policy = name[: -len(p) - 1], p
+    if base not in METHODS:
+        choices = ", ".join(ALL_METHODS)
+        raise UserError(f"unknown method {name!r}; choose from {choices} (or METHOD-full|-sparse|-packed)")
+    if policy is None:
+        policy = METHODS[base][2].get("policy") or (ablation_policy if base != "m2kd" else "packed")
+    return base, policy
+
+
+def method_cfg(name: str, sched: Schedule, memory: int, args: argparse.Namespace) -> LearnerConfig:
+    base, policy = resolve_method(name, args.ablation_snapshots)
+    cfg = method_config(
+        base,
+        model={"backbone": sched.backbone, "input_size": sched.input_size},
+        train={"epochs": sched.epochs, "batch_size": sched.batch_size, "lr": sched.lr, "crop_pad": sched.crop_pad,
+               "flip": sched.flip, "device": sched.device, "seed": args.seed, "classifier": args.classifier},
+        snapshots={"planned_steps": N_STEPS, "prune_finetune_epochs": sched.prune_finetune_epochs},
+    )
+    cfg.snapshots.policy = policy  # type: ignore[assignment]
+    if cfg.memory.total:  # methods without a memory (finetune, lwf) keep none
+        cfg.memory.total = memory
+    return cfg
+
+
+def memory_independent(cfg: LearnerConfig) -> bool:
+    """Methods without exemplars, or keeping everything, give the same result at every memory size."""
+    return cfg.memory.total == 0 or cfg.memory.keep_all
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_method(name: str, cfg: LearnerConfig, memory: int, train: ImageSet, test: ImageSet,
+               steps: list[list[str]], seed: int) -> dict[str, Any]:
+    seed_everything(seed)  # the same initial weights for every method
+    learner = Learner(cfg)
+    teachers: list[list[int]] = []
+
+    def on_step(learner: Learner, report: Any, ev: Any) -> None:
+        teachers.append(report.teachers)
+        nme = "-" if ev.nme_accuracy is None else f"{100 * ev.nme_accuracy:.1f}"
+        log(f"  [{name}, memory {memory}] step {report.step}: accuracy {100 * ev.deployed_accuracy:.1f} "
+            f"(NME {nme}), {report.train_images} images, {len(report.teachers)} teachers, {report.seconds:.1f} s")
+
+    result = run_protocol(train, test, steps, cfg, on_step=on_step, learner=learner)
+    snaps = learner.store.bytes_report()
+    per_snapshot = float(np.mean([b.bytes for b in snaps]))
+    full_copy = float(np.mean([b.full_copy_bytes for b in snaps]))
+    return {
+        "method": name,
+        "memory": memory,
+        "snapshots": cfg.snapshots.policy,
+        "final_accuracy": result["final_accuracy"],
+        "average_incremental_accuracy": result["average_incremental_accuracy"],
+        "forgetting": result["forgetting"],
+        "nme_final_accuracy": result["nme_final_accuracy"],
+        "cnn_final_accuracy": result["cnn_final_accuracy"],
+        "bytes_per_snapshot": per_snapshot,
+        "full_copy_bytes": full_copy,
+        "snapshot_ratio": per_snapshot / full_copy,
+        "reads_snapshots": any(teachers),  # finetune and joint keep snapshots they never read
+        "seconds": result["seconds"],
+        "train_seconds": sum(s["seconds"] for s in result["steps"]),
+        "accuracy_per_step": [s["accuracy"] for s in result["steps"]],
+        "nme_accuracy_per_step": [s["nme_accuracy"] for s in result["steps"]],
+        "accuracy_matrix": result["accuracy_matrix"],
+        "classifier": result["classifier"],
+    }
+
+
+# ----------------------------------------------------------------------------- targets and report
+
+def targets(rows: list[dict[str, Any]], schedule: str) -> list[dict[str, Any]]:
+    """The issue's targets, for every memory size run; `applies` marks the setting they are set for."""
+    out = []
+    for memory in sorted({r["memory"] for r in rows}):
+        by = {r["method"]: r for r in rows if r["memory"] == memory}
+
+        def gap(a: str, b: str, by: dict[str, dict[str, Any]] = by) -> float | None:
+            if a in by and b in by:
+                return 100 * (by[a]["final_accuracy"] - by[b]["final_accuracy"])
+            return None
+
+        checks = [
+            ("m2kd-full beats icarl by >= 10 points final accuracy (full - icarl >= 10)", gap("m2kd-full", "icarl"),
+             10.0, "points", ">="),
+            # measured: full minus packed (sparse); a negative gap (better than full) meets the target
+            ("m2kd-packed within 3 points of m2kd-full (full - packed <= 3)", gap("m2kd-full", "m2kd-packed"),
+             3.0, "points", "<="),
+            ("m2kd-sparse within 1 point of m2kd-full (full - sparse <= 1)", gap("m2kd-full", "m2kd-sparse"),
+             1.0, "points", "<="),
+            ("m2kd-sparse bytes per snapshot <= 15% of a full fp32 copy",
+             by["m2kd-sparse"]["snapshot_ratio"] if "m2kd-sparse" in by else None, 0.15, "fraction", "<="),
+        ]
+        for name, measured, threshold, unit, op in checks:
+            met = None if measured is None else (measured >= threshold if op == ">=" else measured <= threshold)
+            out.append({"name": name, "memory": memory, "measured": measured, "threshold": threshold,
+                        "unit": unit, "met": met,
+                        "applies": schedule == TARGET_SCHEDULE and memory == TARGET_MEMORY})
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def report_text(result: dict[str, Any]) -> str:
+    rows, schedule = result["rows"], result["schedule"]
+    sections = []
+    for memory in result["memories"]:
+        mrows = [r for r in rows if r["memory"] == memory]
+        body = [[r["method"], r["snapshots"], _pct(r["final_accuracy"]), _pct(r["average_incremental_accuracy"]),
+                 _pct(r["forgetting"]), _pct(r["nme_final_accuracy"]),
+                 human_bytes(r["bytes_per_snapshot"]) + ("" if r["reads_snapshots"] else " (unread)"),
+                 f"{100 * r['snapshot_ratio']:.1f}%", f"{r['seconds']:.0f}"] for r in mrows]
+        header = ["method", "snapshots", "final", "avg inc", "forgetting", "NME final", "bytes/snapshot",
+                  "of full", "seconds"]
+        sections.append(format_table(header, body, title=f"{result['title']}, memory {memory}"))
+        steps_body = [[r["method"], *(_pct(a) for a in r["accuracy_per_step"])] for r in mrows]
+        sections.append(format_table(["accuracy after step", *(str(t + 1) for t in range(N_STEPS))], steps_body))
+        matrix_body = []
+        for r in mrows:
+            for t, row in enumerate(r["accuracy_matrix"]):
+                matrix_body.append([r["method"] if t == 0 else "", t + 1, *(_pct(a) for a in row),
+                                    *([""] * (N_STEPS - len(row)))])
+        sections.append(format_table(["accuracy matrix", "after step", *(f"group {g + 1}" for g in range(N_STEPS))],
+                                     matrix_body))
+    footer = [
+        f"Accuracy in %: deployed classifier ({result['settings']['classifier'].upper()}, bias correction "
+        "weight aligning), over all classes seen; NME final: nearest mean of exemplars after the last step.",
+        "forgetting: mean over old groups of best-ever minus final accuracy (of the group, in points).",
+        "bytes/snapshot: learner.store.bytes_report(), mean over steps; (unread): the method keeps snapshots "
+        "but no step reads one.",
+        "Published anchors, final accuracy on this split (ResNet-18, full schedules; buffer 200 / 500):",
+        "  " + ", ".join(f"{k} {a:.1f}" + (f" / {b:.1f}" if b is not None else "") for k, (a, b) in ANCHORS.items()),
+    ]
+    if schedule == "smoke":
+        footer.append("  (the anchors are for CIFAR-10; the smoke schedule runs scikit-learn's digits)")
+    footer.append(f"Targets (set for --schedule {TARGET_SCHEDULE} at memory {TARGET_MEMORY}):")
+    for t in result["targets"]:
+        measured = "-" if t["measured"] is None else (
+            f"{t['measured']:+.1f} points" if t["unit"] == "points" else f"{100 * t['measured']:.1f}%")
+        met = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
+        where = "" if t["applies"] else " (outside the target's setting)"
+        footer.append(f"  [memory {t['memory']}] {t['name']}: {measured} -> {met}{where}")
+    return "\n\n".join(sections) + "\n\n" + "\n".join(footer)
+
+
+def plot(result: dict[str, Any], memory: int, path: Path) -> Path:
+    series = {}
+    for r in result["rows"]:
+        if r["memory"] == memory:
+            x = [CLASSES_PER_STEP * (t + 1) for t in range(len(r["accuracy_per_step"]))]
+            series[r["method"]] = (x, [100 * a for a in r["accuracy_per_step"]])
+    hlines = {}
+    if result["schedule"] != "smoke":
+        column = 0 if memory <= 200 else 1
+        hlines = {f"{k} (published, buffer {(200, 500)[column]})": v[column] if v[column] is not None else v[0]
+                  for k, v in ANCHORS.items()}
+    return plot_lines(path, series, xlabel="classes seen", ylabel="accuracy over the classes seen (%)",
+                      title=f"{result['title']}, memory {memory}", hlines=hlines)
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.cil", description=__doc__.split("\n\n")[0])
+    p.add_argument("--schedule", choices=sorted(SCHEDULES), default="cpu-short")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                   help="CIFAR-10 JPEG tarball, or a folder with train/ and test/ (default ../shared/data/...)")
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the tarball is unpacked, once")
+    p.add_argument("--methods", type=parse_names, default=list(ALL_METHODS),
+                   help=f"comma list (default all: {','.join(ALL_METHODS)})")
+    p.add_argument("--memory", type=parse_int_list, default=None,
+                   help="exemplar memory sizes, e.g. 200 or 200,500 (default: the schedule's, 200; smoke 100)")
+    p.add_argument("--epochs", type=int, default=None, help="override the schedule's epochs per step")
+    p.add_argument("--prune-finetune-epochs", type=int, default=None, help="override (packed/sparse)")
+    p.add_argument("--per-class", type=int, default=None, help="override the training images per class")
+    p.add_argument("--test-per-class", type=int, default=None, help="limit the test images per class (default all)")
+    p.add_argument("--device", default=None, help="cpu, cuda, auto (default: the schedule's)")
+    p.add_argument("--classifier", choices=["cnn", "nme"], default="cnn", help="the deployed classifier")
+    p.add_argument("--ablation-snapshots", choices=POLICIES, default="full",
+                   help="snapshot policy of the m2kd-multi-model / m2kd-multi-level ablations (default full)")
+    p.add_argument("--seed", type=int, default=1993, help="learner seed (the class order is fixed by seed 1993)")
+    add_output_args(p, NAME)
+    args = p.parse_args(argv)
+    for name in args.methods:
+        try:
+            resolve_method(name, args.ablation_snapshots)
+        except UserError as e:
+            p.error(str(e))
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    sched = SCHEDULES[args.schedule]
+    sched = replace(sched, **{k: v for k, v in {
+        "epochs": args.epochs, "device": args.device, "prune_finetune_epochs": args.prune_finetune_epochs,
+        "per_class": args.per_class, "threads": args.threads}.items() if v is not None})
+    memories = args.memory or [sched.memory]
+    out = output_dir(args.out)
+    title = f"Class-incremental {sched.dataset}, {N_STEPS} steps of {CLASSES_PER_STEP} classes, {sched.backbone}, " \
+            f"schedule {args.schedule}"
+    result: dict[str, Any] = {
+        "benchmark": NAME,
+        "title": title,
+        "schedule": args.schedule,
+        "memory": memories[0] if len(memories) == 1 else memories,
+        "memories": memories,
+        "accuracy_unit": "fraction",
+        "settings": {**asdict(sched), "classifier": args.classifier, "seed": args.seed, "order_seed": ORDER_SEED,
+                     "methods": args.methods, "ablation_snapshots": args.ablation_snapshots,
+                     "test_per_class": args.test_per_class,
+                     "threads": sched.threads or torch.get_num_threads(), "torch": torch.__version__},
+        "rows": [],
+        "targets": [],
+        "anchors": {k: {"buffer_200": a, "buffer_500": b} for k, (a, b) in ANCHORS.items()},
+        "complete": False,
+    }
+    with torch_threads(sched.threads):
+        try:
+            train, test = load_data(sched, args.data, args.cache, sched.per_class, args.test_per_class)
+        except UserError as e:
+            log(f"error: {e}")
+            sys.exit(2)
+        steps = split_into_steps(class_order(train.class_names, ORDER_SEED), CLASSES_PER_STEP, CLASSES_PER_STEP)
+        result["class_order"] = [c for s in steps for c in s]
+        log(f"steps: {steps}")
+        shared: dict[str, dict[str, Any]] = {}  # memory-independent methods run once
+        for memory in memories:
+            for name in args.methods:
+                cfg = method_cfg(name, sched, memory, args)
+                if memory_independent(cfg) and name in shared:
+                    row = {**shared[name], "memory": memory, "same_run_as_memory": shared[name]["memory"]}
+                else:
+                    log(f"{name} (memory {memory}, snapshots {cfg.snapshots.policy}) ...")
+                    row = run_method(name, cfg, memory, train, test, steps, args.seed)
+                    if memory_independent(cfg):
+                        shared[name] = row
+                result["rows"].append(row)
+                result["targets"] = targets(result["rows"], args.schedule)
+                write_json(out / "results.json", result)
+    result["complete"] = True
+    if not args.no_plot:
+        result["plots"] = [str(plot(result, m, out / f"accuracy_memory{m}.png")) for m in memories]
+    write_json(out / "results.json", result)
+    files = f"\n\nJSON: {out / 'results.json'}" + "".join(f"\nPNG:  {p}" for p in result.get("plots", []))
+    emit(result, report_text(result) + files, args.json)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""What every benchmark shares: argument conventions, the output folder, JSON written
+atomically (so a run cut short keeps what finished), plain-text tables and line plots."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def add_output_args(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument("--out", type=Path, default=Path("runs") / "benchmarks" / name,
+                        help=f"folder for the JSON and PNG files (default runs/benchmarks/{name}/)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout, nothing else")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice); on a shared machine 1 can be far faster")
+
+
+def output_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr, so stdout holds only the table or the JSON object."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _clean(value: Any) -> Any:
+    """NaN and infinities are not JSON: write null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def to_json(obj: Any, indent: int | None = 2) -> str:
+    return json.dumps(_clean(obj), indent=indent, default=_jsonable)
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    """Write through a temporary file and a rename: a reader (or a kill) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(to_json(obj) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def emit(result: dict[str, Any], table: str, as_json: bool) -> None:
+    """The end of every benchmark: the table, or (with --json) one JSON object, on stdout."""
+    print(to_json(result) if as_json else table, flush=True)
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]], title: str = "",
+                 footer: Sequence[str] = ()) -> str:
+    """A plain-text table; numbers right-aligned, text left-aligned."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(header)]
+    numeric = [bool(rows) and all(_looks_numeric(row[i]) for row in cells) for i in range(len(header))]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if numeric[i] else v.ljust(w)
+                         for i, (v, w) in enumerate(zip(values, widths))).rstrip()
+
+    out = [title] if title else []
+    out += [line(list(header)), "  ".join("-" * w for w in widths)]
+    out += [line(r) for r in cells]
+    out += list(footer)
+    return "\n".join(out)
+
+
+def _looks_numeric(text: str) -> bool:
+    """Right-align numbers, percentages and byte counts ('-' and '' are blanks)."""
+    return text in ("-", "") or bool(re.match(r"^[-+]?\d", text))
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def parse_int_list(text: str) -> list[int]:
+    """'1,5,10' or '1-20' or '1-4,10' -> sorted unique ints."""
+    values: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            values.update(range(int(lo), int(hi) + 1))
+        else:
+            values.add(int(part))
+    if not values:
+        raise argparse.ArgumentTypeError(f"no numbers in {text!r}")
+    return sorted(values)
+
+
+def parse_names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Set torch's thread count for the duration (in-process callers such as tests get theirs back)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def plot_lines(path: Path, series: dict[str, tuple[Sequence[float], Sequence[float | None]]], *,
+               xlabel: str, ylabel: str, title: str, logy: bool = False,
+               hlines: dict[str, float] | None = None, styles: dict[str, dict[str, Any]] | None = None) -> Path:
+    """One line per series (label -> (x, y)); None values in y are gaps. `hlines`: labelled
+    horizontal reference lines; `styles`: matplotlib line options per label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, (x, y) in series.items():
+        style = {"marker": "o", "markersize": 3, **(styles or {}).get(label, {})}
+        ax.plot(list(x), [math.nan if v is None else v for v in y], label=label, **style)
+    for label, value in (hlines or {}).items():
+        ax.axhline(value, linestyle=":", linewidth=1, color="grey")
+        ax.annotate(label, (ax.get_xlim()[0], value), fontsize=7, color="grey", va="bottom")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
