@@ -275,3 +275,31 @@ def history(ws: Path, plot: Path | None, as_json: bool) -> None:
         click.echo(f"step {s['step']}  {','.join(s['classes']):<24} acc {100 * s['accuracy']:5.1f}%  [{groups}]")
     if plot:
         click.echo(f"plot written to {plot}")
+
+
+@main.command()
+@click.argument("ws", type=WS)
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="where to write the ONNX model (default: WS/exports/model.onnx)")
+@click.option("--tensorrt", "tensorrt_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="also build a TensorRT engine here (on the board, or in the Jetson image)")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "int8"]))
+@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--force", is_flag=True, help="write the export even if the parity gate fails")
+@click.option("--json", "as_json", is_flag=True)
+def export(ws: Path, onnx_path, tensorrt_path, precision, max_batch, force, as_json) -> None:
+    """Export the current classifier: ONNX with a parity gate, and optionally a TensorRT engine."""
+    from exporters import export_workspace
+
+    out = export_workspace(ws, onnx_path, tensorrt_path, precision, max_batch, force,
+                           on_build=lambda: click.echo("building the TensorRT engine (minutes on a Jetson)...", err=True))
+    if as_json:
+        emit_json(out)
+        return
+    p = out["parity"]
+    click.echo(f"ONNX: {out['onnx']}")
+    click.echo(f"  parity vs PyTorch on {p['samples']} images: max abs logit diff {p['max_abs_diff']:.2e}, "
+               f"top-1 agreement {100 * p['top1_agreement']:.1f}%" + ("" if p["passed"] else "  (FAILED, forced)"))
+    if out["tensorrt"]:
+        click.echo(f"TensorRT engine ({out['precision']}): {out['tensorrt']}"
+                   + ("  (from the engine cache)" if out.get("engine_cache_hit") else ""))

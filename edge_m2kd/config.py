@@ -65,6 +65,7 @@ class SnapshotConfig:
     policy: SnapshotPolicy = "packed"
     planned_steps: int = 10  # packed: sizes each step's share of the free weights
     first_step_share: float = 0.5  # packed: fraction of all weights the first step keeps
+    reinit_scale: float = 0.1  # packed: free weights restart at this fraction of Kaiming scale
     prune_finetune_epochs: int = 3  # packed/sparse: brief fine-tuning of the kept weights
     prune_finetune_lr: float = 0.01
     sparse_density: float = 0.1  # sparse: kept fraction of each prunable tensor

@@ -110,6 +110,7 @@ class SnapshotStore(ABC):
         self.n_classes: dict[int, int] = {}  # step -> classes known at that step
         self.probe: np.ndarray | None = None  # uint8 images, fixed at the first commit
         self.probe_logits: dict[int, torch.Tensor] = {}
+        self._skeletons: dict[int, IncrementalNet] = {}
 
     @property
     def steps(self) -> list[int]:
@@ -166,7 +167,17 @@ class SnapshotStore(ABC):
     def bytes_report(self) -> list[SnapshotBytes]: ...
 
     def full_copy_bytes(self, step: int) -> int:
-        return state_bytes(build_model(self.model_cfg, self.n_classes[step]).state_dict())
+        return state_bytes(self._skeleton(step).state_dict())
+
+    def _skeleton(self, step: int) -> IncrementalNet:
+        """An untrained model of step `step`'s shape (cached: building ResNet-18 takes a while)."""
+        n = self.n_classes[step]
+        if n not in self._skeletons:
+            self._skeletons[n] = build_model(self.model_cfg, n)
+        return self._skeletons[n]
+
+    def _extras_layout(self, step: int) -> State:
+        return _extras(self._skeleton(step))
 
     # -- persistence: tensors for safetensors, metadata for JSON -----------------------------
     def state(self) -> tuple[State, dict[str, Any]]:
@@ -197,6 +208,22 @@ def _prefixed(prefix: str, state: State) -> State:
 def _unprefixed(prefix: str, tensors: State) -> State:
     p = prefix + "."
     return {k[len(p) :]: v for k, v in tensors.items() if k.startswith(p)}
+
+
+def _flatten(state: State) -> torch.Tensor:
+    """One fp32 tensor for many small ones: a safetensors header entry costs about 100 bytes,
+    as much as a BatchNorm layer's parameters, so per-step extras are stored flat."""
+    return torch.cat([v.detach().float().flatten() for v in state.values()]) if state else torch.zeros(0)
+
+
+def _unflatten(flat: torch.Tensor, like: State) -> State:
+    out, offset = {}, 0
+    for name, ref in like.items():
+        out[name] = flat[offset : offset + ref.numel()].view(ref.shape).to(ref.dtype)
+        offset += ref.numel()
+    if offset != flat.numel():
+        raise ValueError(f"stored extras hold {flat.numel()} values, the model expects {offset}")
+    return out
 
 
 def _cpu_copy(state: State) -> State:
@@ -237,9 +264,18 @@ class FullSnapshots(SnapshotStore):
 
 def _extras(model: IncrementalNet) -> State:
     """What a snapshot keeps per step besides the prunable weights: BatchNorm statistics and
-    affine parameters, biases, and the main and auxiliary head rows known at that step."""
+    affine parameters, biases, and the main and auxiliary head rows known at that step.
+    (BatchNorm's batch counter only matters for training with momentum=None: not kept.)"""
     prunable = set(prunable_names(model))
-    return _cpu_copy({k: v for k, v in model.state_dict().items() if k not in prunable})
+    return _cpu_copy({k: v for k, v in model.state_dict().items()
+                      if k not in prunable and not k.endswith("num_batches_tracked")})
+
+
+def _load_partial(model: IncrementalNet, state: State) -> IncrementalNet:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not k.endswith("num_batches_tracked") for k in missing):
+        raise ValueError(f"snapshot does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model
 
 
 class PackedSnapshots(SnapshotStore):
@@ -277,13 +313,15 @@ class PackedSnapshots(SnapshotStore):
                 "accuracy on new classes will suffer (plan more steps, or use --snapshots sparse)",
                 stacklevel=2,
             )
-        # Free weights were zeroed when the last step was packed: give them a fresh start at
-        # the Kaiming scale of their layer so the new step has capacity to learn.
+        # Free weights were zeroed when the last step was packed. Restart them small: at full
+        # Kaiming scale they would swamp the frozen weights' signal and the step would begin by
+        # destroying the features every old class relies on; at zero they could not learn.
         with torch.no_grad():
             for name, owner in self.owner.items():
                 w = params[name]
                 fresh = torch.empty_like(w)
                 nn.init.kaiming_normal_(fresh, mode="fan_out", nonlinearity="relu")
+                fresh.mul_(self.cfg.reinit_scale)
                 free = (owner == 0).to(w.device)
                 w.copy_(torch.where(free, fresh, w))
 
@@ -322,8 +360,7 @@ class PackedSnapshots(SnapshotStore):
         for name, owner in self.owner.items():
             visible = (owner > 0) & (owner <= step)
             state[name] = torch.where(visible, self.weights[name], torch.zeros(()))
-        model.load_state_dict(state)
-        return model
+        return _load_partial(model, state)
 
     def owner_bits(self) -> int:
         return max(1, math.ceil(math.log2(len(self.n_classes) + 1)))
@@ -344,13 +381,12 @@ class PackedSnapshots(SnapshotStore):
 
     def _tensors(self) -> State:
         tensors = {"owner_map": torch.from_numpy(self.packed_owner_map())}
-        for s, extras in self.extras.items():
-            tensors.update(_prefixed(f"extras.{s}", extras))
+        tensors.update({f"extras.{s}": _flatten(extras) for s, extras in self.extras.items()})
         # The owned weights live in the student; they are saved with it, not here.
         return tensors
 
     def _load_tensors(self, tensors: State) -> None:
-        self.extras = {k: _unprefixed(f"extras.{k}", tensors) for k in self.n_classes}
+        self.extras = {k: _unflatten(tensors[f"extras.{k}"], self._extras_layout(k)) for k in self.n_classes}
 
     def load_owner_map(self, model: IncrementalNet, tensors: State) -> None:
         """Unpack the owner map against the student's shapes and take its weights."""
@@ -418,8 +454,7 @@ class SparseSnapshots(SnapshotStore):
             w = torch.zeros(numel)
             w[mask] = self.values[step][name].float()
             state[name] = w.view(shapes[name])
-        model.load_state_dict(state)
-        return model
+        return _load_partial(model, state)
 
     def bytes_report(self) -> list[SnapshotBytes]:
         rows = []
@@ -437,14 +472,14 @@ class SparseSnapshots(SnapshotStore):
         for s in self.bitmaps:
             tensors.update(_prefixed(f"bitmap.{s}", self.bitmaps[s]))
             tensors.update(_prefixed(f"values.{s}", self.values[s]))
-            tensors.update(_prefixed(f"extras.{s}", self.extras[s]))
+            tensors[f"extras.{s}"] = _flatten(self.extras[s])
         return tensors
 
     def _load_tensors(self, tensors: State) -> None:
         for k in self.n_classes:
             self.bitmaps[k] = _unprefixed(f"bitmap.{k}", tensors)
             self.values[k] = _unprefixed(f"values.{k}", tensors)
-            self.extras[k] = _unprefixed(f"extras.{k}", tensors)
+            self.extras[k] = _unflatten(tensors[f"extras.{k}"], self._extras_layout(k))
 
 
 POLICIES: dict[str, type[SnapshotStore]] = {
