@@ -157,20 +157,22 @@ class Learner:
         opt = torch.optim.SGD(params.values(), lr=lr, momentum=tc.momentum, weight_decay=0.0)
         batches = max(1, -(-n // tc.batch_size))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * batches)
-        # One order of global batches on every rank; each rank augments its own share.
-        order_gen = torch.Generator().manual_seed(tc.seed + len(self.groups))
-        augment_gen = torch.Generator().manual_seed(tc.seed + len(self.groups) + 7919 * rank)
+        # Every rank draws the same global batches and the same augmentation, then trains on its
+        # share, so N ranks see exactly the images one process would (only BatchNorm's batch
+        # statistics are per rank).
+        gen = torch.Generator().manual_seed(tc.seed + len(self.groups))
         labels_t = torch.from_numpy(labels)
         with_aux = self.cfg.loss.aux_heads or self.cfg.loss.multi_level
         totals: dict[str, float] = {}
         seen = 0
         for epoch in range(epochs):
             totals, seen, start = {"loss": 0.0, "cls": 0.0, "aux": 0.0, "mm": 0.0, "ml": 0.0}, 0, time.perf_counter()
-            for global_idx in torch.randperm(n, generator=order_gen).split(tc.batch_size):
-                if len(global_idx) < world_size:
+            for idx in torch.randperm(n, generator=gen).split(tc.batch_size):
+                if len(idx) < world_size:
                     continue  # every rank must take part in every batch, or DDP waits forever
-                idx = global_idx[rank::world_size]
-                x, y = self._batch(images[idx.numpy()], True, augment_gen), labels_t[idx].to(self.device)
+                x = self._batch(images[idx.numpy()], True, gen)[rank::world_size]
+                idx = idx[rank::world_size]
+                y = labels_t[idx].to(self.device)
                 teacher_outs = {}
                 if teachers is not None:
                     with torch.inference_mode():

@@ -18,12 +18,13 @@ from types import ModuleType
 from typing import Any
 
 from trt_sim.cuda_memory import DeviceMemory, InvalidAddress
-from trt_sim.pycuda_sim import PycudaSim
+from trt_sim.pycuda_sim import PagelockedArray, PendingCopyError, PycudaSim
 from trt_sim.tensorrt_sim import SimState, make_tensorrt
 
 VERSIONS = ("8.6.1", "10.3.0", "11.0.0")
 
-__all__ = ["VERSIONS", "DeviceMemory", "InvalidAddress", "PycudaSim", "Sim", "SimState", "install", "make_tensorrt"]
+__all__ = ["VERSIONS", "DeviceMemory", "InvalidAddress", "PagelockedArray", "PendingCopyError", "PycudaSim", "Sim",
+           "SimState", "install", "make_tensorrt"]
 
 
 @dataclass
@@ -45,7 +46,7 @@ def install(monkeypatch: Any, version: str, with_pycuda: bool = True) -> Sim:
         cuda = PycudaSim(memory)
         cuda.install(monkeypatch)
     else:
-        hide_modules(monkeypatch, "pycuda", "pycuda.driver", "pycuda.autoinit")
+        hide_modules(monkeypatch, "pycuda", "pycuda.driver", "pycuda.autoinit", "pycuda.autoprimaryctx")
     return Sim(trt, state, memory, cuda)
 
 
