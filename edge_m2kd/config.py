@@ -64,11 +64,15 @@ class MemoryConfig:
 class SnapshotConfig:
     policy: SnapshotPolicy = "packed"
     planned_steps: int = 10  # packed: sizes each step's share of the free weights
-    first_step_share: float = 0.5  # packed: fraction of all weights the first step keeps
+    # packed: fraction of all weights the first step keeps. 0.3 rather than half: later steps
+    # get 0.7/(planned-1) each, and on digits the packed-vs-full gap fell from 6.4 to 2.2 points.
+    first_step_share: float = 0.3
     reinit_scale: float = 0.1  # packed: free weights restart at this fraction of Kaiming scale
-    prune_finetune_epochs: int = 3  # packed/sparse: brief fine-tuning of the kept weights
+    prune_finetune_epochs: int = 5  # packed/sparse: fine-tuning of the kept weights after pruning
     prune_finetune_lr: float = 0.01
-    sparse_density: float = 0.1  # sparse: kept fraction of each prunable tensor
+    # sparse: kept fraction of each prunable tensor. At 0.1 a pruned ResNet-20 teacher fell to
+    # chance on digits; 0.2 keeps it useful at about 14% of a full copy's bytes.
+    sparse_density: float = 0.2
     min_free_fraction: float = 0.02  # packed: warn when a step would get less than this
 
 

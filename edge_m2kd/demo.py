@@ -26,7 +26,7 @@ def demo_config(method: str = "m2kd", policy: str | None = None, epochs: int | N
         "model": {"backbone": "resnet20", "input_size": 16},
         # Digits are not mirror-symmetric: a flipped 2 is not a 2.
         "train": {"epochs": epochs or 12, "batch_size": 32, "lr": 0.05, "crop_pad": 2, "flip": False},
-        "snapshots": {"planned_steps": DEMO_STEPS, "prune_finetune_epochs": 2},
+        "snapshots": {"planned_steps": DEMO_STEPS},
     }
     cfg = method_config(method, **sections)
     if cfg.memory.total:

@@ -1,5 +1,6 @@
 """The one input transform shared by training, evaluation, snapshots and export:
-uint8 NHWC RGB -> float NCHW, scaled to [0, 1] and normalised per channel."""
+uint8 NHWC RGB -> float NCHW, scaled to [0, 1] and normalised with the model's statistics
+(which the exported graph folds in, so a device feeds it [0, 1] RGB)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,14 @@ import numpy as np
 import torch
 
 from edge_m2kd.config import IMAGE_MEAN, IMAGE_STD
+from edge_m2kd.data.augment import normalize as normalize_with
+from edge_m2kd.data.augment import to_float as to_unit
 
-_MEAN = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
-_STD = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
-
-
-def to_unit(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC -> float32 NCHW in [0, 1]."""
-    x = torch.as_tensor(images)
-    return x.permute(0, 3, 1, 2).float().div_(255.0)
+__all__ = ["model_input", "normalize", "to_unit"]
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    return (x - _MEAN.to(x.device)) / _STD.to(x.device)
+    return normalize_with(x, IMAGE_MEAN, IMAGE_STD)
 
 
 def model_input(images: np.ndarray | torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
