@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from edge_m2kd import faults
@@ -68,8 +69,9 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     fsync_dir(path.parent)
 
 
-def _disk_error(e: OSError, what: str) -> UserError:
-    return UserError(f"could not write {what}: {e.strerror or e} ; the workspace is unchanged - free disk space "
+def _disk_error(e: Exception, what: str) -> UserError:
+    reason = getattr(e, "strerror", None) or str(e).split(": ")[-1]
+    return UserError(f"could not write {what}: {reason}; the workspace is unchanged - free disk space "
                      "(or check permissions) and run the step again")
 
 
@@ -213,7 +215,7 @@ class Workspace:
             )
             write_json_atomic(self.path / MANIFEST, manifest)
             faults.checkpoint("commit:after-switch")
-        except OSError as e:
+        except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
             shutil.rmtree(gen, ignore_errors=True)
             raise _disk_error(e, f"step {self.steps + 1} to {self.path}") from e
         old = self.generation_dir
