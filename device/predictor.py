@@ -125,7 +125,7 @@ def read_images(paths: Sequence[str | Path], size: int) -> np.ndarray:
     out = []
     for p in paths:
         if not Path(p).is_file():
-            raise UserError(f"{str(p)!r} is not an image file")
+            raise UserError(f"image {str(p)!r} does not exist (or is not a file); check the path")
         try:
             out.append(_decode(str(p), size))
         except Exception as e:  # noqa: BLE001 - PIL raises many types for one meaning: unreadable

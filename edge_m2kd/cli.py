@@ -179,23 +179,56 @@ def eval_(ws: Path, data: Path, as_json: bool) -> None:
         click.echo(f"  step {k} ({', '.join(group)}): {100 * acc:.1f}%")
 
 
+BACKEND = click.Choice(["torch", "onnxruntime", "tensorrt"])
+
+
 @main.command()
 @click.argument("ws", type=WS)
 @click.argument("images", nargs=-1, required=True)
 @click.option("--top-k", default=1, show_default=True, type=click.IntRange(1))
-@click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch"]))
+@click.option("--backend", default="torch", show_default=True, type=BACKEND)
+@click.option("--engine", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="TensorRT engine (default WS/exports/model.plan)")
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="ONNX model (default WS/exports/model.onnx)")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--json", "as_json", is_flag=True)
-def predict(ws: Path, images: tuple[str, ...], top_k: int, backend: str, as_json: bool) -> None:
+def predict(ws: Path, images: tuple[str, ...], top_k: int, backend: str, engine, onnx_path, device, as_json) -> None:
     """Class names and scores for each IMAGE, best first."""
-    from edge_m2kd.commands import predict as run
+    from device.predictor import predict_images
 
-    out = run(ws, list(images), top_k)
+    out = predict_images(ws, list(images), backend, top_k, engine=engine, onnx=onnx_path, device=device)
     if as_json:
         emit_json(out)
         return
     for r in out["results"]:
         preds = ", ".join(f"{p['class']} {p['score']:.3f}" for p in r["predictions"])
         click.echo(f"{r['image']}: {preds}")
+
+
+@main.command()
+@click.argument("ws", type=WS)
+@click.option("--backend", default=None, type=BACKEND,
+              help="one backend; without it, PyTorch and onnxruntime side by side at batch 1 and 32")
+@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--iterations", default=30, show_default=True, type=click.IntRange(1))
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--json", "as_json", is_flag=True)
+def bench(ws: Path, backend: str | None, batch_size: int, iterations: int, device: str, as_json: bool) -> None:
+    """Latency percentiles (p50/p90/p99), images/s after warm-up, and the memory a backend takes."""
+    from device.bench import bench as run_bench
+    from device.bench import compare_backends, format_comparison, format_rows
+
+    if backend is None:
+        rows = compare_backends(ws, iterations=iterations, device="cpu" if device == "auto" else device)
+        text = format_comparison(rows)
+    else:
+        rows = [run_bench(ws, backend, batch_size, iterations=iterations, device=device)]
+        text = format_rows(rows)
+    if as_json:
+        emit_json({"rows": rows})
+    else:
+        click.echo(text)
 
 
 @main.command()

@@ -9,13 +9,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 
 from device.probes import PeakMemorySampler, process_rss_bytes
 from edge_m2kd import distributed, faults
 from edge_m2kd.config import LearnerConfig, method_config
 from edge_m2kd.data import load_image_folder, train_val_split
-from edge_m2kd.data.sources import IMAGE_EXTENSIONS, ImageSet
+from edge_m2kd.data.sources import ImageSet
 from edge_m2kd.errors import UserError
 from edge_m2kd.evaluation import evaluate
 from edge_m2kd.learner import Learner, Progress
@@ -208,39 +207,6 @@ def evaluate_folder(path: str | Path, data: str | Path) -> dict[str, Any]:
             **ev.to_dict()}
 
 
-def _read_images(paths: list[str], size: int) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    out = []
-    for p in paths:
-        if Path(p).suffix.lower() not in IMAGE_EXTENSIONS and not Path(p).is_file():
-            raise UserError(f"{p!r} is not an image file")
-        try:
-            with Image.open(p) as img:
-                out.append(np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8))
-        except (OSError, UnidentifiedImageError) as e:
-            raise UserError(f"cannot read image {p!r} ({type(e).__name__}); check the file") from e
-    return np.stack(out)
-
-
-def predict(path: str | Path, images: list[str], top_k: int = 1) -> dict[str, Any]:
-    ws, learner = _open(path)
-    if learner.steps_done == 0:
-        raise UserError(f"{path} has learned no classes yet; run `edge-m2kd add-classes` first")
-    model = learner.deployed().to(learner.device)
-    with torch.inference_mode():
-        from edge_m2kd.preprocess import to_unit
-
-        scores = torch.softmax(model(to_unit(_read_images(images, learner.cfg.model.input_size)).to(learner.device)), 1).cpu()
-    k = min(top_k, scores.shape[1])
-    results = []
-    for p, row in zip(images, scores):
-        top = row.topk(k)
-        results.append({"image": p, "predictions": [{"class": learner.class_names[i], "score": float(s)}
-                                                    for s, i in zip(top.values, top.indices.tolist())]})
-    return {"results": results}
-
-
 # -- reports ------------------------------------------------------------------------------------------
 def snapshot_report(path: str | Path, verify: bool = False) -> dict[str, Any]:
     ws, learner = _open(path)
@@ -342,7 +308,3 @@ def plot_history(report: dict[str, Any], png: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
-
-
-def learner_config(path: str | Path) -> LearnerConfig:
-    return Workspace.open(path).config

@@ -161,6 +161,13 @@ class Workspace:
         for name, digest in self.manifest["files"].items():
             if not (gen / name).is_file() or sha256(gen / name) != digest:
                 raise UserError(f"{gen / name} is missing or damaged (checksum mismatch); restore the workspace from a backup")
+        try:
+            return self._load_state(learner, gen)
+        except (KeyError, ValueError, RuntimeError) as e:  # e.g. tensors of another layout
+            raise UserError(f"{gen} cannot be read by this edge-m2kd ({type(e).__name__}: {str(e)[:80]}); "
+                            "restore the workspace from a backup") from e
+
+    def _load_state(self, learner: Learner, gen: Path) -> Learner:
         model_t = load_file(gen / "model.safetensors")
         snap_t = load_file(gen / "snapshots.safetensors")
         ex_t = load_file(gen / "exemplars.safetensors")
