@@ -46,7 +46,10 @@ class TrainConfig:
     seed: int = 1993
     device: str = "cpu"
     channels_last: bool = True  # about 1.6x faster convolutions on CPU
-    stack_teachers: bool = True  # fold BatchNorm and run all teachers as one grouped forward
+    # How teachers run: "folded" (BatchNorm folded, one forward each), "stacked" (folded and
+    # all in one grouped convolution) or "separate" (as trained). benchmarks/overhead.py
+    # measures them; on one CPU thread here grouped convolutions were the slowest.
+    teacher_mode: str = "folded"
     crop_pad: int = 4
     flip: bool = True  # off for data where a mirror image is another class (digits)
     bias_correction: BiasCorrection = "weight_aligning"

@@ -81,7 +81,7 @@ class Learner:
         images, labels = self._training_set(new_images)
         terms = teacher_terms(t, self.groups, self.cfg.loss)
         snapshots = {k: self.store.teacher(k) for k in sorted({k for k, _ in terms})}
-        teachers = build_teachers(snapshots, stacked=self.cfg.train.stack_teachers)
+        teachers = build_teachers(snapshots, self.cfg.train.teacher_mode)
         self.store.prepare(self.model, t)
 
         def train(model: IncrementalNet, masks: dict[str, torch.Tensor], epochs: int, lr: float, phase: str) -> dict[str, float]:

@@ -138,7 +138,32 @@ class SeparateTeachers(nn.Module):
         return {k: net(x, with_aux=with_aux) for k, net in zip(self.steps, self.nets)}
 
 
-def build_teachers(teachers: dict[int, IncrementalNet], stacked: bool) -> nn.Module | None:
+class FoldedTeachers(nn.Module):
+    """Each teacher folded (BatchNorm into its convolutions) but run on its own: no grouped
+    convolution, which oneDNN runs slowly on one CPU thread (benchmarks/overhead.py)."""
+
+    def __init__(self, teachers: dict[int, IncrementalNet]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList([StackedTeachers({k: teachers[k]}) for k in sorted(teachers)])
+
+    def to(self, *args, **kwargs):  # noqa: ANN002, ANN003 - each part moves its plain-tensor heads
+        for part in self.parts:
+            part.to(*args, **kwargs)
+        return self
+
+    def forward(self, x: torch.Tensor, with_aux: bool = True) -> dict[int, NetOutput]:
+        out: dict[int, NetOutput] = {}
+        for part in self.parts:
+            out.update(part(x, with_aux))
+        return out
+
+
+TEACHER_MODES = {"stacked": StackedTeachers, "folded": FoldedTeachers, "separate": SeparateTeachers}
+
+
+def build_teachers(teachers: dict[int, IncrementalNet], mode: str) -> nn.Module | None:
     if not teachers:
         return None
-    return StackedTeachers(teachers) if stacked else SeparateTeachers(teachers)
+    if mode not in TEACHER_MODES:
+        raise ValueError(f"unknown teacher mode {mode!r}; choose one of {sorted(TEACHER_MODES)}")
+    return TEACHER_MODES[mode](teachers)

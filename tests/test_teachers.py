@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from edge_m2kd.models import IncrementalNet
-from edge_m2kd.teachers import SeparateTeachers, StackedTeachers, fold_bn
+from edge_m2kd.teachers import FoldedTeachers, SeparateTeachers, StackedTeachers, fold_bn
 
 
 def trained_like(backbone: str, n_classes: int, seed: int, **kw) -> IncrementalNet:
@@ -37,8 +37,10 @@ def test_stacked_teachers_equal_separate_teachers(backbone, kw, size, k):
     with torch.inference_mode():
         expected = SeparateTeachers(teachers)(x)
         got = StackedTeachers(teachers)(x)
-    assert sorted(got) == sorted(expected) == list(range(1, k + 1))
+        folded = FoldedTeachers(teachers)(x)
+    assert sorted(got) == sorted(expected) == sorted(folded) == list(range(1, k + 1))
     for step in expected:
+        assert torch.allclose(folded[step].logits, expected[step].logits, atol=1e-4, rtol=1e-4)
         assert got[step].logits.shape == expected[step].logits.shape == (4, 2 * step)
         assert torch.allclose(got[step].logits, expected[step].logits, atol=1e-4, rtol=1e-4)
         for a, b in zip(got[step].aux_logits, expected[step].aux_logits, strict=True):
