@@ -120,8 +120,9 @@ def init(ws: Path, backbone, input_size, policy, exemplars, method, memory_budge
 @click.option("--batch-size", default=None, type=click.IntRange(1))
 @click.option("--on-corrupt", default="skip", show_default=True, type=click.Choice(["skip", "error"]),
               help="an unreadable image among good ones: skip it with a warning, or refuse the step")
+@click.option("--sync-bn", is_flag=True, help="under torchrun on GPUs: BatchNorm statistics over the global batch")
 @click.option("--json", "as_json", is_flag=True)
-def add_classes(ws: Path, data: Path, classes, epochs, batch_size, on_corrupt, as_json) -> None:
+def add_classes(ws: Path, data: Path, classes, epochs, batch_size, on_corrupt, sync_bn, as_json) -> None:
     """Learn the new classes of the image folder DATA (DATA/<class>/*.jpg) and commit the step."""
     from tqdm import tqdm
 
@@ -140,7 +141,7 @@ def add_classes(ws: Path, data: Path, classes, epochs, batch_size, on_corrupt, a
 
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     try:
-        entry = run(ws, data, names, epochs, batch_size, on_corrupt, progress)
+        entry = run(ws, data, names, epochs, batch_size, on_corrupt, progress, sync_bn)
     finally:
         for bar in bars.values():
             bar.close()

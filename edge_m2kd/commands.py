@@ -111,6 +111,7 @@ def add_classes(
     batch_size: int | None = None,
     on_corrupt: Literal["skip", "error"] = "skip",
     progress: Progress | None = None,
+    sync_batchnorm: bool = False,
 ) -> dict[str, Any]:
     distributed.init_from_env(Workspace.open(path).config.train.device)
     ws, learner = _open(path)
@@ -130,6 +131,9 @@ def add_classes(
         cfg.train.epochs = epochs
     if batch_size is not None:
         cfg.train.batch_size = batch_size
+    if sync_batchnorm and learner.device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm runs on NCCL); drop it on CPU")
+    cfg.train.sync_batchnorm = sync_batchnorm
     images = load_image_folder(data, cfg.model.input_size, classes, on_corrupt=on_corrupt)
     train, held_out = train_val_split(images, HOLDOUT_FRACTION, cfg.train.seed)
     t = learner.steps_done + 1
@@ -162,6 +166,7 @@ def add_classes(
         raise RuntimeError(f"ranks disagree on the student's parameters after the step ({digests}); nothing committed")
     entry["distributed"] = {"world_size": world_size, "parameter_digests": digests, "global_batch_size": cfg.train.batch_size,
                             "per_rank_batch_size": cfg.train.batch_size // world_size, "lr": cfg.train.lr,
+                            "sync_batchnorm": sync_batchnorm,
                             "lr_scaling": "none: the global batch size and lr are the configured ones"}
     if rank == 0:
         ws.commit(learner, entry, holdout)

@@ -50,6 +50,7 @@ class TrainConfig:
     # all in one grouped convolution) or "separate" (as trained). benchmarks/overhead.py
     # measures them; on one CPU thread here grouped convolutions were the slowest.
     teacher_mode: str = "folded"
+    sync_batchnorm: bool = False  # under torchrun on GPUs: BatchNorm statistics over the global batch
     crop_pad: int = 4
     flip: bool = True  # off for data where a mirror image is another class (digits)
     bias_correction: BiasCorrection = "weight_aligning"

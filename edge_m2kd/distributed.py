@@ -44,11 +44,18 @@ def barrier() -> None:
         dist.barrier()
 
 
-def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+def wrap(model: nn.Module, device: torch.device, sync_batchnorm: bool = False) -> nn.Module:
     """DDP around the student when distributed. Unused-parameter search is on because the
-    auxiliary heads take no part in the loss for methods without them."""
+    auxiliary heads take no part in the loss for methods without them. `sync_batchnorm`
+    computes BatchNorm statistics over the global batch (CUDA/NCCL only in PyTorch)."""
     if world()[1] == 1:
         return model
+    if sync_batchnorm:
+        if device.type != "cuda":
+            from edge_m2kd.errors import UserError
+
+            raise UserError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm runs on NCCL); drop it on CPU")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [device.index or 0] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 

@@ -153,7 +153,7 @@ class Learner:
             self._to_device(teachers)
         params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         rank, world_size = distributed.world()
-        net = distributed.wrap(model, self.device)
+        net = distributed.wrap(model, self.device, tc.sync_batchnorm)
         opt = torch.optim.SGD(params.values(), lr=lr, momentum=tc.momentum, weight_decay=0.0)
         batches = max(1, -(-n // tc.batch_size))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * batches)

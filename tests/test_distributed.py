@@ -89,3 +89,12 @@ def test_a_rank_that_dies_leaves_the_workspace_unchanged(tmp_path, digits):
     opened = Workspace.open(ws)
     assert opened.checksum() == before and opened.steps == 1
     assert all(r.ok for r in opened.load_learner().store.verify())
+
+
+def test_sync_batchnorm_is_refused_on_cpu(tmp_path, digits):
+    ws = tmp_path / "ws"
+    init(ws)
+    before = Workspace.open(ws).checksum()
+    proc = run(["add-classes", ws, digits["train"], "--classes", "0,1", "--sync-bn"], nproc=2)
+    assert proc.returncode != 0 and "--sync-bn needs CUDA" in proc.stderr
+    assert Workspace.open(ws).checksum() == before
