@@ -121,11 +121,7 @@ def add_classes(
         classes = [c for c in available if c not in learner.class_names]
         if not classes:
             raise UserError(f"every class in {str(data)!r} is already known ({', '.join(available)}); add folders of new classes")
-    for c in classes:  # refuse before reading a single image
-        if classes.count(c) > 1:
-            raise UserError(f"class {c!r} given twice; name each class once")
-        if c in learner.class_names:
-            raise UserError(f"class {c!r} already exists (learned at step {learner.step_of(c)}); leave it out with --classes")
+    learner.refuse_known_or_repeated(classes)  # before reading a single image
     cfg = learner.cfg
     if epochs is not None:
         cfg.train.epochs = epochs

@@ -89,6 +89,7 @@ class Learner:
             return self._train(model, images, labels, teachers, terms, masks, epochs, lr, report)
 
         losses = train(self.model, self.store.grad_masks(self.model), self.cfg.train.epochs, self.cfg.train.lr, "train")
+
         def finetune_pruned(model: IncrementalNet, masks: dict[str, torch.Tensor], epochs: int) -> None:
             faults.checkpoint("consolidate")
             train(model, masks, epochs, self.cfg.snapshots.prune_finetune_lr, "finetune")
@@ -108,15 +109,19 @@ class Learner:
             classes = [n for n in present if n not in self.class_names]
             if not classes:
                 raise UserError("no new classes in the data: every class is already known; add folders of new classes")
+        self.refuse_known_or_repeated(classes)
+        for n in classes:
+            if n not in present:
+                raise UserError(f"class {n!r} has no images in the data; check the folder name")
+        return list(classes)
+
+    def refuse_known_or_repeated(self, classes: list[str]) -> None:
         for n in classes:
             if classes.count(n) > 1:
                 raise UserError(f"class {n!r} given twice; name each class once")
             if n in self.class_names:
                 raise UserError(f"class {n!r} already exists (learned at step {self.step_of(n)}); "
                                 "rename the folder or leave it out with --classes")
-            if n not in present:
-                raise UserError(f"class {n!r} has no images in the data; check the folder name")
-        return list(classes)
 
     def step_of(self, name: str) -> int:
         cid = self.class_names.index(name)
