@@ -302,7 +302,9 @@ def plot_history(report: dict[str, Any], png: str | Path) -> None:
     for i in range(n):
         for j in range(i + 1):
             if not np.isnan(matrix[i, j]):
-                ax2.text(j, i, f"{matrix[i, j]:.0f}", ha="center", va="center", color="w", fontsize=8)
+                # dark text on the light (high) end of viridis, light text on the dark end
+                color = "black" if matrix[i, j] > 60 else "white"
+                ax2.text(j, i, f"{matrix[i, j]:.0f}", ha="center", va="center", color=color, fontsize=9)
     ax2.set(xlabel="class group (step learned)", ylabel="after step", title="Accuracy matrix (%)",
             xticks=range(n), yticks=range(n), xticklabels=xs, yticklabels=xs)
     fig.colorbar(im, ax=ax2, label="accuracy (%)")
