@@ -103,16 +103,14 @@ def test_preprocess_is_the_training_transform_bit_for_bit(probe):
 
 
 def test_read_images_decodes_as_training_does(ws, tmp_path):
-    from edge_m2kd.commands import _read_images
     from edge_m2kd.data import load_image_folder
 
     data = ws.parent / "data"
     paths = sorted(str(p) for p in data.glob("*/*.png"))
     got = read_images(paths, SIZE)
-    np.testing.assert_array_equal(got, _read_images(paths, SIZE))
     np.testing.assert_array_equal(got, load_image_folder(data, SIZE).images)
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
-    for bad, message in [(tmp_path / "broken.png", "cannot read image"), (tmp_path / "nope.jpg", "is not an image file")]:
+    for bad, message in [(tmp_path / "broken.png", "cannot read image"), (tmp_path / "nope.jpg", "does not exist")]:
         with pytest.raises(UserError, match=message) as err:
             read_images([bad], SIZE)
         assert "\n" not in str(err.value)
@@ -157,10 +155,19 @@ def test_three_backends_agree_on_the_probe_set(version, ws, probe, reference, tm
 
 
 def test_predict_images_same_answer_on_every_backend(ws, tmp_path, monkeypatch):
-    from edge_m2kd.commands import predict
+    import torch
+
+    from edge_m2kd.preprocess import to_unit
+    from edge_m2kd.workspace import Workspace
 
     paths = sorted(str(p) for p in (ws.parent / "data").glob("c*/0[0-3].png"))
-    want = predict(ws, paths, top_k=2)["results"]
+    # The reference: the workspace's deployed classifier called directly, softmax, top 2.
+    learner = Workspace.open(ws).load_learner()
+    with torch.inference_mode():
+        scores = torch.softmax(learner.deployed()(to_unit(read_images(paths, SIZE))), 1)
+    top = scores.topk(2)
+    want = [{"predictions": [{"class": learner.class_names[i], "score": float(v)} for v, i in zip(vals, idx.tolist())]}
+            for vals, idx in zip(top.values, top.indices)]
     _, plan = engine_for(ws, tmp_path, "10.3.0", monkeypatch)
     for backend in ("torch", "onnxruntime", "tensorrt"):
         report = predict_images(ws, paths, backend, top_k=2, engine=plan, device="cpu")
