@@ -4,18 +4,18 @@ atomically (so a run cut short keeps what finished), plain-text tables and line 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+
+from device.bench import torch_threads  # noqa: F401 - one implementation, re-exported
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,18 +138,6 @@ def parse_int_list(text: str) -> list[int]:
 
 def parse_names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Set torch's thread count for the duration (in-process callers such as tests get theirs back)."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def plot_lines(path: Path, series: dict[str, tuple[Sequence[float], Sequence[float | None]]], *,

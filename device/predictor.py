@@ -332,14 +332,9 @@ NO_TENSORRT = ("--backend tensorrt needs TensorRT, which is not installed here (
 
 def _tensorrt_version() -> str:
     """The installed TensorRT's version, or the one-line error for a machine without it."""
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise UserError(NO_TENSORRT) from e
-    version = getattr(trt, "__version__", None)
-    if not isinstance(version, str) or not hasattr(trt, "Runtime"):
-        raise UserError(f"{NO_TENSORRT} (the `tensorrt` found has no API: type stubs only?)")
-    return version.strip()
+    from exporters.tensorrt_build import require_tensorrt
+
+    return require_tensorrt(NO_TENSORRT, api="Runtime").text
 
 
 def _import_pycuda() -> Any:

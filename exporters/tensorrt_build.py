@@ -86,16 +86,17 @@ def parse_version(text: str) -> TrtVersion:
     return TrtVersion(int(m.group(1)), int(m.group(2)), int(m.group(3) or 0), text.strip())
 
 
-def require_tensorrt() -> TrtVersion:
-    """The installed TensorRT's version, or a one-line UserError saying where to build instead."""
+def require_tensorrt(missing: str = MISSING_TENSORRT, api: str = "Builder") -> TrtVersion:
+    """The installed TensorRT's version, or the one-line UserError `missing` (where to run instead).
+    `api` is a name the caller needs: the builder to export, the runtime on a device."""
     try:
         import tensorrt as trt
     except ImportError as e:
-        raise UserError(MISSING_TENSORRT) from e
+        raise UserError(missing) from e
     version = getattr(trt, "__version__", None)
     # A directory named tensorrt holding only type stubs imports as an empty namespace package.
-    if not isinstance(version, str) or not hasattr(trt, "Builder"):
-        raise UserError(f"{MISSING_TENSORRT} (the `tensorrt` found has no API: type stubs only?)")
+    if not isinstance(version, str) or not hasattr(trt, api):
+        raise UserError(f"{missing} (the `tensorrt` found has no API: type stubs only?)")
     v = parse_version(version)
     if (v.major, v.minor) < (8, 6):
         raise UserError(f"TensorRT {v} is too old; edge-m2kd builds with TensorRT 8.6 (JetPack 6.0) or 10.x "
