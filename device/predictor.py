@@ -156,11 +156,9 @@ def _input_contract(meta: dict[str, Any], path: Path) -> tuple[str, str, int, tu
 
 
 def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    from edge_m2kd.workspace import sha256  # the one streaming file hash; imported late (pulls in torch)
+
+    return sha256(path)
 
 
 def _read_artifact_metadata(path: Path, kind: str, what: str, how: str) -> dict[str, Any]:
