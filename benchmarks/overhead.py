@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import (
     add_output_args,
@@ -46,8 +47,10 @@ def _snapshot(cfg, n_classes: int, seed: int):  # noqa: ANN001, ANN202 - a train
     return net.eval()
 
 
-def time_step(method: str, t: int, batches: int, batch_size: int, mode: str, backbone: str, size: int) -> float:
-    """Seconds for `batches` training batches of step t (after one warm-up batch)."""
+def time_step(method: str, t: int, batches: int, batch_size: int, mode: str, backbone: str,
+              size: int) -> tuple[float, float]:
+    """Seconds for `batches` training batches of step t (after one warm-up epoch), and the
+    floating-point operations of one batch (teachers, student forward and backward)."""
     cfg = method_config(method, model={"backbone": backbone, "input_size": size},
                         train={"batch_size": batch_size, "teacher_mode": mode}, snapshots={"policy": "full"})
     learner = Learner(cfg)
@@ -64,7 +67,11 @@ def time_step(method: str, t: int, batches: int, batch_size: int, mode: str, bac
     learner._train(learner.model, images, labels, teachers, terms, {}, 1, 0.01, None)
     start = time.perf_counter()
     learner._train(learner.model, images, labels, teachers, terms, {}, 1, 0.01, None)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    # Counted, not timed: whether the extra time is arithmetic the teachers must do, or waste.
+    with FlopCounterMode(display=False) as counter:
+        learner._train(learner.model, images[:batch_size], labels[:batch_size], teachers, terms, {}, 1, 0.01, None)
+    return seconds, float(counter.get_total_flops())
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -83,14 +90,16 @@ def main(argv: list[str] | None = None) -> dict:
     with torch_threads(args.threads):
         for t in steps:
             common = (t, batches, args.batch_size)
-            icarl = time_step("icarl", *common, "folded", args.backbone, args.input_size)
-            m2kd = time_step("m2kd", *common, "folded", args.backbone, args.input_size)
-            stacked = time_step("m2kd", *common, "stacked", args.backbone, args.input_size)
-            naive = time_step("m2kd", *common, "separate", args.backbone, args.input_size)
+            icarl, icarl_flops = time_step("icarl", *common, "folded", args.backbone, args.input_size)
+            m2kd, m2kd_flops = time_step("m2kd", *common, "folded", args.backbone, args.input_size)
+            stacked, _ = time_step("m2kd", *common, "stacked", args.backbone, args.input_size)
+            naive, _ = time_step("m2kd", *common, "separate", args.backbone, args.input_size)
             rows.append({"teachers": t - 1, "step": t, "icarl_seconds": icarl, "m2kd_seconds": m2kd,
                          "m2kd_stacked_seconds": stacked, "m2kd_naive_seconds": naive, "ratio": m2kd / icarl,
-                         "stacked_ratio": stacked / icarl, "naive_ratio": naive / icarl})
-            log(f"t={t}: icarl {icarl:.2f}s, m2kd {m2kd:.2f}s (x{m2kd / icarl:.2f}), "
+                         "stacked_ratio": stacked / icarl, "naive_ratio": naive / icarl,
+                         "icarl_gflop_per_batch": icarl_flops / 1e9, "m2kd_gflop_per_batch": m2kd_flops / 1e9,
+                         "flop_ratio": m2kd_flops / icarl_flops})
+            log(f"t={t}: icarl {icarl:.2f}s, m2kd {m2kd:.2f}s (x{m2kd / icarl:.2f}, FLOPs x{m2kd_flops / icarl_flops:.2f}), "
                 f"stacked x{stacked / icarl:.2f}, naive x{naive / icarl:.2f}")
     result = {"backbone": args.backbone, "batch_size": args.batch_size, "batches": batches,
               "threads": torch.get_num_threads() if not args.threads else args.threads, "rows": rows}
@@ -106,9 +115,13 @@ def main(argv: list[str] | None = None) -> dict:
     ten = next((r for r in rows if r["step"] == 10), None)
     footer = [f"target: m2kd at t = 10 <= 1.5x icarl: measured x{ten['ratio']:.2f} -> "
               f"{'met' if ten['ratio'] <= 1.5 else 'NOT met'}"] if ten else []
+    footer.append("FLOPs: counted on one batch (teachers' forwards, the student's forward and backward); a time "
+                  "ratio near the FLOP ratio means the teachers cost arithmetic, not overhead.")
     table = format_table(
-        ["t", "teachers", "icarl s", "m2kd s", "ratio", "stacked s", "stacked ratio", "naive s", "naive ratio"],
+        ["t", "teachers", "icarl s", "m2kd s", "ratio", "FLOP ratio", "stacked s", "stacked ratio", "naive s",
+         "naive ratio"],
         [[r["step"], r["teachers"], f"{r['icarl_seconds']:.2f}", f"{r['m2kd_seconds']:.2f}", f"{r['ratio']:.2f}",
+          f"{r['flop_ratio']:.2f}",
           f"{r['m2kd_stacked_seconds']:.2f}", f"{r['stacked_ratio']:.2f}",
           f"{r['m2kd_naive_seconds']:.2f}", f"{r['naive_ratio']:.2f}"] for r in rows],
         title=f"Teacher overhead, {args.backbone}, {batches} batches of {args.batch_size}", footer=footer)

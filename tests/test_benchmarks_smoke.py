@@ -12,6 +12,7 @@ if str(ROOT) not in sys.path:  # benchmarks/ is run from the repository root, no
     sys.path.insert(0, str(ROOT))
 snapshot_bytes = importlib.import_module("benchmarks.snapshot_bytes")
 cil = importlib.import_module("benchmarks.cil")
+overhead = importlib.import_module("benchmarks.overhead")
 
 SNAPSHOT_ROW_KEYS = {"backbone", "policy", "snapshots", "bytes_per_snapshot", "total_bytes", "full_copy_bytes",
                      "owner_bits_per_weight"}
@@ -71,3 +72,22 @@ def test_cil_smoke_schedule_runs_two_methods(tmp_path, capsys):
     assert 0 < rows["m2kd-packed"]["bytes_per_snapshot"] < rows["finetune"]["bytes_per_snapshot"]
     # The targets name methods this run left out: reported as not measured, never as met.
     assert out["targets"] and all(t["met"] is None and not t["applies"] for t in out["targets"])
+
+
+def test_overhead_times_and_counts_every_teacher_path(tmp_path, capsys):
+    overhead.main(["--steps", "2,4", "--batches", "1", "--batch-size", "4", "--backbone", "resnet20",
+                   "--input-size", "8", "--threads", "1", "--out", str(tmp_path), "--json", "--no-plot"])
+    out = _stdout_json(capsys)
+    assert json.loads((tmp_path / "overhead.json").read_text())["rows"] == out["rows"]
+    rows = {r["step"]: r for r in out["rows"]}
+    assert list(rows) == [2, 4]
+    for t, r in rows.items():
+        assert r["teachers"] == t - 1
+        for key in ("icarl_seconds", "m2kd_seconds", "m2kd_stacked_seconds", "m2kd_naive_seconds"):
+            assert r[key] > 0
+        assert math.isclose(r["ratio"], r["m2kd_seconds"] / r["icarl_seconds"])
+        assert math.isclose(r["flop_ratio"], r["m2kd_gflop_per_batch"] / r["icarl_gflop_per_batch"])
+    # One teacher forward is about a third of a training step's arithmetic (forward plus backward), so
+    # going from 1 to 3 teachers must add FLOPs; iCaRL reads one teacher whatever t is.
+    assert math.isclose(rows[2]["icarl_gflop_per_batch"], rows[4]["icarl_gflop_per_batch"], rel_tol=0.05)
+    assert rows[4]["flop_ratio"] > rows[2]["flop_ratio"] + 0.4
