@@ -20,7 +20,7 @@ import shutil
 import sys
 import tarfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from benchmarks.common import (
     torch_threads,
     write_json,
 )
-from edge_m2kd.config import METHODS, LearnerConfig, method_config
+from edge_m2kd.config import METHODS, LearnerConfig, LossConfig, method_config
 from edge_m2kd.data import (
     ImageSet,
     class_order,
@@ -169,6 +169,29 @@ def resolve_method(name: str, ablation_policy: str) -> tuple[str, str]:
     return base, policy
 
 
+def parse_loss_override(text: str) -> tuple[str, Any]:
+    """KEY=VALUE for a LossConfig field, the value read as the field's type."""
+    key, sep, value = text.partition("=")
+    types = {f.name: type(f.default) for f in fields(LossConfig)}
+    if not sep or key not in types:
+        raise argparse.ArgumentTypeError(f"{text!r}: use KEY=VALUE with KEY one of {', '.join(types)}")
+    if types[key] is bool:
+        if value.lower() not in ("true", "false"):
+            raise argparse.ArgumentTypeError(f"{key} takes true or false, got {value!r}")
+        return key, value.lower() == "true"
+    try:
+        return key, types[key](value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{key} takes a {types[key].__name__}, got {value!r}") from None
+
+
+def row_label(name: str, args: argparse.Namespace) -> str:
+    """The m2kd methods carry the --loss overrides, and say so in their name."""
+    if not args.loss or not resolve_method(name, args.ablation_snapshots)[0].startswith("m2kd"):
+        return name
+    return name + " [" + ", ".join(f"{k}={v}" for k, v in args.loss) + "]"
+
+
 def method_cfg(name: str, sched: Schedule, memory: int, args: argparse.Namespace) -> LearnerConfig:
     base, policy = resolve_method(name, args.ablation_snapshots)
     cfg = method_config(
@@ -179,6 +202,9 @@ def method_cfg(name: str, sched: Schedule, memory: int, args: argparse.Namespace
         snapshots={"planned_steps": N_STEPS, "prune_finetune_epochs": sched.prune_finetune_epochs},
     )
     cfg.snapshots.policy = policy  # type: ignore[assignment]
+    if row_label(name, args) != name:
+        for key, value in args.loss:
+            setattr(cfg.loss, key, value)
     if cfg.memory.total:  # methods without a memory (finetune, lwf) keep none
         cfg.memory.total = memory
     return cfg
@@ -346,6 +372,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--classifier", choices=["cnn", "nme"], default="cnn", help="the deployed classifier")
     p.add_argument("--ablation-snapshots", choices=POLICIES, default="full",
                    help="snapshot policy of the m2kd-multi-model / m2kd-multi-level ablations (default full)")
+    p.add_argument("--loss", type=parse_loss_override, action="append", default=[], metavar="KEY=VALUE",
+                   help="set a loss option of the m2kd methods (repeatable), e.g. distill_reduction=sum or "
+                        "last_model_all_old=true; their rows are named with it, so the targets skip them")
     p.add_argument("--seed", type=int, default=1993, help="learner seed (the class order is fixed by seed 1993)")
     add_output_args(p, NAME)
     args = p.parse_args(argv)
@@ -376,6 +405,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "accuracy_unit": "fraction",
         "settings": {**asdict(sched), "classifier": args.classifier, "seed": args.seed, "order_seed": ORDER_SEED,
                      "methods": args.methods, "ablation_snapshots": args.ablation_snapshots,
+                     "loss_overrides": dict(args.loss),
                      "test_per_class": args.test_per_class,
                      "threads": sched.threads or torch.get_num_threads(), "torch": torch.__version__},
         "rows": [],
@@ -400,7 +430,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     row = {**shared[name], "memory": memory, "same_run_as_memory": shared[name]["memory"]}
                 else:
                     log(f"{name} (memory {memory}, snapshots {cfg.snapshots.policy}) ...")
-                    row = run_method(name, cfg, memory, train, test, steps, args.seed)
+                    row = run_method(row_label(name, args), cfg, memory, train, test, steps, args.seed)
                     if memory_independent(cfg):
                         shared[name] = row
                 result["rows"].append(row)

@@ -34,6 +34,9 @@ class LossConfig:
     multi_model: bool = True  # every snapshot M_k teaches its own group C_k
     multi_level: bool = True  # ... also at the auxiliary levels
     last_model_all_old: bool = False  # conventional term: M_{t-1} teaches all old classes
+    # How the teacher terms add up. "mean": L_mm keeps one scale whatever the step, so each old
+    # group's pull shrinks as 1/(t-1); "sum": every old group pulls with weight 1 at every step.
+    distill_reduction: str = "mean"
 
 
 @dataclass

@@ -48,15 +48,19 @@ class LossTerms:
 
 
 def _distill(student: list[torch.Tensor], teachers: list[list[torch.Tensor]],
-             terms: list[tuple[int, list[int]]], temperature: float) -> torch.Tensor:
-    """Mean over terms (and levels) so the term's scale does not grow with the step count.
-    `student[level]`, `teachers[i][level]` are logits; teachers[i] belongs to terms[i]."""
-    losses = [
+             terms: list[tuple[int, list[int]]], temperature: float, reduction: str) -> torch.Tensor:
+    """Mean over levels; over terms the mean (one scale at every step) or the sum (one weight
+    per old group). `student[level]`, `teachers[i][level]` are logits; teachers[i] belongs to terms[i]."""
+    losses = torch.stack([
         group_kd(s[:, cols], t[:, cols], temperature)
         for (_, cols), t_levels in zip(terms, teachers)
         for s, t in zip(student, t_levels)
-    ]
-    return torch.stack(losses).mean()
+    ])
+    if reduction == "mean":
+        return losses.mean()
+    if reduction == "sum":
+        return losses.sum() / len(student)
+    raise ValueError(f"unknown distill_reduction {reduction!r}; use mean or sum")
 
 
 def m2kd_loss(
@@ -73,8 +77,10 @@ def m2kd_loss(
         aux = torch.stack([F.cross_entropy(z, targets) for z in out.aux_logits]).mean()
     mm = ml = zero
     if terms:
-        mm = _distill([out.logits], [[teacher_outs[k].logits] for k, _ in terms], terms, cfg.temperature)
+        mm = _distill([out.logits], [[teacher_outs[k].logits] for k, _ in terms], terms, cfg.temperature,
+                      cfg.distill_reduction)
         if cfg.multi_level and out.aux_logits:
-            ml = _distill(out.aux_logits, [teacher_outs[k].aux_logits for k, _ in terms], terms, cfg.temperature)
+            ml = _distill(out.aux_logits, [teacher_outs[k].aux_logits for k, _ in terms], terms, cfg.temperature,
+                          cfg.distill_reduction)
     total = cls + cfg.aux_weight * aux + cfg.multi_model_weight * mm + cfg.multi_level_weight * ml
     return LossTerms(total, *(float(x.detach()) for x in (cls, aux, mm, ml)))

@@ -7,6 +7,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is run from the repository root, not installed
     sys.path.insert(0, str(ROOT))
@@ -91,3 +93,20 @@ def test_overhead_times_and_counts_every_teacher_path(tmp_path, capsys):
     # going from 1 to 3 teachers must add FLOPs; iCaRL reads one teacher whatever t is.
     assert math.isclose(rows[2]["icarl_gflop_per_batch"], rows[4]["icarl_gflop_per_batch"], rel_tol=0.05)
     assert rows[4]["flop_ratio"] > rows[2]["flop_ratio"] + 0.4
+
+
+def test_cil_loss_overrides_reach_the_m2kd_rows_only(tmp_path, capsys):
+    cil.main(["--schedule", "smoke", "--methods", "icarl,m2kd-full", "--epochs", "1", "--per-class", "10",
+              "--test-per-class", "5", "--memory", "10", "--threads", "1", "--loss", "distill_reduction=sum",
+              "--loss", "last_model_all_old=true", "--out", str(tmp_path), "--json", "--no-plot"])
+    out = _stdout_json(capsys)
+    assert [r["method"] for r in out["rows"]] == [
+        "icarl", "m2kd-full [distill_reduction=sum, last_model_all_old=True]"]
+    assert out["settings"]["loss_overrides"] == {"distill_reduction": "sum", "last_model_all_old": True}
+    # The renamed row is not the default m2kd: the targets do not count it.
+    assert all(t["measured"] is None for t in out["targets"] if "m2kd-full" in t["name"])
+
+
+def test_cil_refuses_an_unknown_loss_option():
+    with pytest.raises(SystemExit):
+        cil.parse_args(["--loss", "distill_reduction"])

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from edge_m2kd.config import LossConfig, method_config
@@ -56,3 +57,21 @@ def test_loss_uses_only_the_named_teachers():
     # Teacher 2 is asked about classes 2,3 only: changing its columns 0,1 changes nothing.
     moved = {1: teachers[1], 2: _out(teachers[2].logits + torch.tensor([9.0, -9.0, 0, 0]), teachers[2].aux_logits)}
     assert abs(m2kd_loss(student, y, terms, moved, cfg).mm - base.mm) < 1e-6
+
+
+def test_sum_reduction_gives_every_old_group_weight_one():
+    torch.manual_seed(0)
+    mean_cfg = LossConfig()
+    sum_cfg = LossConfig(distill_reduction="sum")
+    student = _out(torch.randn(5, 6), [torch.randn(5, 6), torch.randn(5, 6)])
+    y = torch.randint(0, 6, (5,))
+    terms = teacher_terms(3, GROUPS, mean_cfg)  # two old groups
+    teachers = {k: _out(torch.randn(5, 2 * k), [torch.randn(5, 2 * k), torch.randn(5, 2 * k)]) for k in (1, 2)}
+    mean = m2kd_loss(student, y, terms, teachers, mean_cfg)
+    total = m2kd_loss(student, y, terms, teachers, sum_cfg)
+    assert abs(total.mm - 2 * mean.mm) < 1e-5 and abs(total.ml - 2 * mean.ml) < 1e-5
+    # The sum of the terms, each the mean over its levels, in full.
+    by_hand = sum(group_kd(student.logits[:, cols], teachers[k].logits[:, cols], 2.0) for k, cols in terms)
+    assert abs(total.mm - float(by_hand)) < 1e-5
+    with pytest.raises(ValueError, match="distill_reduction"):
+        m2kd_loss(student, y, terms, teachers, LossConfig(distill_reduction="max"))
