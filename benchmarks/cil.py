@@ -14,6 +14,7 @@ keeps what finished.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import shutil
@@ -376,6 +377,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="set a loss option of the m2kd methods (repeatable), e.g. distill_reduction=sum or "
                         "last_model_all_old=true; their rows are named with it, so the targets skip them")
     p.add_argument("--seed", type=int, default=1993, help="learner seed (the class order is fixed by seed 1993)")
+    p.add_argument("--from-json", type=Path, default=None, metavar="RESULTS",
+                   help="train nothing: print the report and draw the plots of a saved results.json")
     add_output_args(p, NAME)
     args = p.parse_args(argv)
     for name in args.methods:
@@ -388,6 +391,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.from_json:
+        return from_json(args.from_json, args)
     sched = SCHEDULES[args.schedule]
     sched = replace(sched, **{k: v for k, v in {
         "epochs": args.epochs, "device": args.device, "prune_finetune_epochs": args.prune_finetune_epochs,
@@ -437,12 +442,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 result["targets"] = targets(result["rows"], args.schedule)
                 write_json(out / "results.json", result)
     result["complete"] = True
+    return finish(result, out, args)
+
+
+def finish(result: dict[str, Any], out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Targets, plots, the saved JSON and the printed report; also for a run read back from disk."""
+    result["targets"] = targets(result["rows"], result["schedule"])
     if not args.no_plot:
-        result["plots"] = [str(plot(result, m, out / f"accuracy_memory{m}.png")) for m in memories]
+        result["plots"] = [str(plot(result, m, out / f"accuracy_memory{m}.png")) for m in result["memories"]]
     write_json(out / "results.json", result)
     files = f"\n\nJSON: {out / 'results.json'}" + "".join(f"\nPNG:  {p}" for p in result.get("plots", []))
-    emit(result, report_text(result) + files, args.json)
+    incomplete = "" if result["complete"] else "\n(the run was cut short: only the methods above finished)"
+    emit(result, report_text(result) + incomplete + files, args.json)
     return result
+
+
+def from_json(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Print the report and draw the plots of a saved results.json, e.g. of a run cut short."""
+    try:
+        result = json.loads(path.read_text())
+        if result.get("benchmark") != NAME:
+            raise ValueError("not a benchmarks.cil result")
+    except (OSError, ValueError) as e:
+        log(f"error: cannot read {path}: {e}; pass the results.json a cil run wrote")
+        sys.exit(2)
+    return finish(result, output_dir(args.out), args)
 
 
 if __name__ == "__main__":

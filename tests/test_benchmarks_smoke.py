@@ -74,6 +74,14 @@ def test_cil_smoke_schedule_runs_two_methods(tmp_path, capsys):
     assert 0 < rows["m2kd-packed"]["bytes_per_snapshot"] < rows["finetune"]["bytes_per_snapshot"]
     # The targets name methods this run left out: reported as not measured, never as met.
     assert out["targets"] and all(t["met"] is None and not t["applies"] for t in out["targets"])
+    # A saved result renders again without training: same rows, same targets, a new plot.
+    again = cil.main(["--from-json", str(tmp_path / "results.json"), "--out", str(tmp_path / "again"), "--json"])
+    assert _stdout_json(capsys)["rows"] == out["rows"] == again["rows"] and again["targets"] == out["targets"]
+    assert (tmp_path / "again" / "accuracy_memory20.png").stat().st_size > 0
+    (tmp_path / "other.json").write_text('{"benchmark": "overhead"}')
+    with pytest.raises(SystemExit) as exit_info:
+        cil.main(["--from-json", str(tmp_path / "other.json"), "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
 
 
 def test_overhead_times_and_counts_every_teacher_path(tmp_path, capsys):
