@@ -377,6 +377,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="set a loss option of the m2kd methods (repeatable), e.g. distill_reduction=sum or "
                         "last_model_all_old=true; their rows are named with it, so the targets skip them")
     p.add_argument("--seed", type=int, default=1993, help="learner seed (the class order is fixed by seed 1993)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the methods an earlier run with the same settings finished in --out; run the rest")
     p.add_argument("--from-json", type=Path, default=None, metavar="RESULTS",
                    help="train nothing: print the report and draw the plots of a saved results.json")
     add_output_args(p, NAME)
@@ -421,17 +423,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with torch_threads(sched.threads):
         try:
             train, test = load_data(sched, args.data, args.cache, sched.per_class, args.test_per_class)
+            steps = split_into_steps(class_order(train.class_names, ORDER_SEED), CLASSES_PER_STEP, CLASSES_PER_STEP)
+            result["class_order"] = [c for s in steps for c in s]
+            done = resumed_rows(out / "results.json", result) if args.resume else {}
         except UserError as e:
             log(f"error: {e}")
             sys.exit(2)
-        steps = split_into_steps(class_order(train.class_names, ORDER_SEED), CLASSES_PER_STEP, CLASSES_PER_STEP)
-        result["class_order"] = [c for s in steps for c in s]
         log(f"steps: {steps}")
         shared: dict[str, dict[str, Any]] = {}  # memory-independent methods run once
+        planned = {(row_label(n, args), m) for m in memories for n in args.methods}
+        result["rows"] = [row for key, row in done.items() if key not in planned]  # kept, never dropped
         for memory in memories:
             for name in args.methods:
                 cfg = method_cfg(name, sched, memory, args)
-                if memory_independent(cfg) and name in shared:
+                if (row_label(name, args), memory) in done:
+                    row = done[row_label(name, args), memory]
+                    log(f"{row['method']} (memory {memory}): kept from the earlier run")
+                elif memory_independent(cfg) and name in shared:
                     row = {**shared[name], "memory": memory, "same_run_as_memory": shared[name]["memory"]}
                 else:
                     log(f"{name} (memory {memory}, snapshots {cfg.snapshots.policy}) ...")
@@ -443,6 +451,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 write_json(out / "results.json", result)
     result["complete"] = True
     return finish(result, out, args)
+
+
+def resumed_rows(path: Path, result: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
+    """Rows of an earlier run into the same folder, kept only if it ran the same settings."""
+    if not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text())
+    same = ("schedule", "class_order")
+    mine = {**result["settings"], "methods": None}
+    theirs = {**earlier.get("settings", {}), "methods": None}
+    if mine != theirs or any(earlier.get(k) != result.get(k) for k in same):
+        raise UserError(f"{path} holds a run with other settings; use another --out or drop --resume")
+    return {(r["method"], r["memory"]): r for r in earlier["rows"]}
 
 
 def finish(result: dict[str, Any], out: Path, args: argparse.Namespace) -> dict[str, Any]:

@@ -118,3 +118,20 @@ def test_cil_loss_overrides_reach_the_m2kd_rows_only(tmp_path, capsys):
 def test_cil_refuses_an_unknown_loss_option():
     with pytest.raises(SystemExit):
         cil.parse_args(["--loss", "distill_reduction"])
+
+
+def test_cil_resume_keeps_finished_methods_and_refuses_other_settings(tmp_path, capsys):
+    common = ["--schedule", "smoke", "--epochs", "1", "--per-class", "10", "--test-per-class", "5",
+              "--memory", "10", "--threads", "1", "--out", str(tmp_path), "--json", "--no-plot"]
+    first = cil.main([*common, "--methods", "finetune"])
+    capsys.readouterr()
+    second = cil.main([*common, "--methods", "icarl", "--resume"])
+    capsys.readouterr()
+    assert [r["method"] for r in second["rows"]] == ["finetune", "icarl"]
+    assert second["rows"][0] == first["rows"][0]  # kept, not trained again
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in saved["rows"]] == ["finetune", "icarl"]
+    with pytest.raises(SystemExit) as exit_info:
+        cil.main([*common[:2], "--epochs", "2", *common[4:], "--methods", "icarl", "--resume"])
+    assert exit_info.value.code == 2
+    assert json.loads((tmp_path / "results.json").read_text()) == saved  # nothing overwritten
