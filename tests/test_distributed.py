@@ -75,9 +75,10 @@ def test_two_ranks_match_one_process(tmp_path, digits):
     for ws in (single, multi):
         proc = run(["eval", ws, digits["test"], "--json"])
         acc[ws.name] = json.loads(proc.stdout)["deployed_accuracy"]
-    # 4 points: on these 181 test images one CI run measured 96.7 (single) against 100.0 (two
-    # ranks), 6 images apart, with a learner that had not changed since runs that passed at 3.
-    assert abs(acc["single"] - acc["multi"]) <= 0.04, acc
+    # 10 points: two CI runs of unchanged learner code measured 96.7 vs 100.0 and 97.8 vs 91.2
+    # (181 test images; the single process alone moved 1.1 points). A broken DDP step (ranks on
+    # the wrong shards, gradients not averaged) lands far lower than that.
+    assert abs(acc["single"] - acc["multi"]) <= 0.10, acc
 
 
 def test_a_rank_that_dies_leaves_the_workspace_unchanged(tmp_path, digits):
