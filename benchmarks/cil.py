@@ -435,15 +435,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["rows"] = [row for key, row in done.items() if key not in planned]  # kept, never dropped
         for memory in memories:
             for name in args.methods:
-                cfg = method_cfg(name, sched, memory, args)
-                if (row_label(name, args), memory) in done:
-                    row = done[row_label(name, args), memory]
+                cfg, label = method_cfg(name, sched, memory, args), row_label(name, args)
+                if (label, memory) in done:
+                    row = done[label, memory]
                     log(f"{row['method']} (memory {memory}): kept from the earlier run")
                 elif memory_independent(cfg) and name in shared:
                     row = {**shared[name], "memory": memory, "same_run_as_memory": shared[name]["memory"]}
                 else:
                     log(f"{name} (memory {memory}, snapshots {cfg.snapshots.policy}) ...")
-                    row = run_method(row_label(name, args), cfg, memory, train, test, steps, args.seed)
+                    row = run_method(label, cfg, memory, train, test, steps, args.seed)
                     if memory_independent(cfg):
                         shared[name] = row
                 result["rows"].append(row)
@@ -457,7 +457,7 @@ def resumed_rows(path: Path, result: dict[str, Any]) -> dict[tuple[str, int], di
     """Rows of an earlier run into the same folder, kept only if it ran the same settings."""
     if not path.is_file():
         return {}
-    earlier = json.loads(path.read_text())
+    earlier = load_result(path)
     same = ("schedule", "class_order")
     mine = {**result["settings"], "methods": None}
     theirs = {**earlier.get("settings", {}), "methods": None}
@@ -481,13 +481,22 @@ def finish(result: dict[str, Any], out: Path, args: argparse.Namespace) -> dict[
 def from_json(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Print the report and draw the plots of a saved results.json, e.g. of a run cut short."""
     try:
+        result = load_result(path)
+    except UserError as e:
+        log(f"error: {e}")
+        sys.exit(2)
+    return finish(result, output_dir(args.out), args)
+
+
+def load_result(path: Path) -> dict[str, Any]:
+    """A results.json a cil run wrote (read by --from-json and --resume alike)."""
+    try:
         result = json.loads(path.read_text())
         if result.get("benchmark") != NAME:
             raise ValueError("not a benchmarks.cil result")
     except (OSError, ValueError) as e:
-        log(f"error: cannot read {path}: {e}; pass the results.json a cil run wrote")
-        sys.exit(2)
-    return finish(result, output_dir(args.out), args)
+        raise UserError(f"cannot read {path}: {e}; pass the results.json a cil run wrote") from None
+    return result
 
 
 if __name__ == "__main__":
