@@ -460,9 +460,13 @@ def resumed_rows(path: Path, result: dict[str, Any]) -> dict[tuple[str, int], di
     earlier = load_result(path)
     same = ("schedule", "class_order")
     mine = {**result["settings"], "methods": None}
-    theirs = {**earlier.get("settings", {}), "methods": None}
-    if mine != theirs or any(earlier.get(k) != result.get(k) for k in same):
-        raise UserError(f"{path} holds a run with other settings; use another --out or drop --resume")
+    # Runs saved before --loss existed carry no loss_overrides: they ran with none.
+    theirs = {"loss_overrides": {}, **earlier.get("settings", {}), "methods": None}
+    differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+    differ += [k for k in same if earlier.get(k) != result.get(k)]
+    if differ:
+        raise UserError(f"{path} holds a run with other settings ({', '.join(differ)}); "
+                        "use another --out or drop --resume")
     return {(r["method"], r["memory"]): r for r in earlier["rows"]}
 
 

@@ -134,4 +134,11 @@ def test_cil_resume_keeps_finished_methods_and_refuses_other_settings(tmp_path, 
     with pytest.raises(SystemExit) as exit_info:
         cil.main([*common[:2], "--epochs", "2", *common[4:], "--methods", "icarl", "--resume"])
     assert exit_info.value.code == 2
+    assert "(epochs)" in capsys.readouterr().err  # the error names what differs
     assert json.loads((tmp_path / "results.json").read_text()) == saved  # nothing overwritten
+
+    # A run saved before --loss existed has no loss_overrides; it ran with none, so it resumes.
+    del saved["settings"]["loss_overrides"]
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    third = cil.main([*common, "--methods", "finetune,icarl", "--resume"])
+    assert third["rows"] == second["rows"]
