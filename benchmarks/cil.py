@@ -460,6 +460,7 @@ def resumed_rows(path: Path, result: dict[str, Any]) -> dict[tuple[str, int], di
     earlier = load_result(path)
     same = ("schedule", "class_order")
     mine = {**result["settings"], "methods": None}
+    mine_methods = result["settings"]["methods"]
     # Runs saved before --loss existed carry no loss_overrides: they ran with none.
     theirs = {"loss_overrides": {}, **earlier.get("settings", {}), "methods": None}
     differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
@@ -467,6 +468,9 @@ def resumed_rows(path: Path, result: dict[str, Any]) -> dict[tuple[str, int], di
     if differ:
         raise UserError(f"{path} holds a run with other settings ({', '.join(differ)}); "
                         "use another --out or drop --resume")
+    # The saved run lists every method it holds, the earlier ones first.
+    earlier_methods = earlier["settings"].get("methods", [])
+    result["settings"]["methods"] = [*earlier_methods, *(n for n in mine_methods if n not in earlier_methods)]
     return {(r["method"], r["memory"]): r for r in earlier["rows"]}
 
 

@@ -131,6 +131,7 @@ def test_cil_resume_keeps_finished_methods_and_refuses_other_settings(tmp_path, 
     assert second["rows"][0] == first["rows"][0]  # kept, not trained again
     saved = json.loads((tmp_path / "results.json").read_text())
     assert [r["method"] for r in saved["rows"]] == ["finetune", "icarl"]
+    assert saved["settings"]["methods"] == ["finetune", "icarl"]
     with pytest.raises(SystemExit) as exit_info:
         cil.main([*common[:2], "--epochs", "2", *common[4:], "--methods", "icarl", "--resume"])
     assert exit_info.value.code == 2
