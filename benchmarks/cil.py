@@ -18,7 +18,6 @@ import json
 import os
 import random
 import shutil
-import sys
 import tarfile
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -32,6 +31,7 @@ from benchmarks.common import (
     REPO_ROOT,
     add_output_args,
     emit,
+    exit_on_user_error,
     format_table,
     human_bytes,
     log,
@@ -421,14 +421,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "complete": False,
     }
     with torch_threads(sched.threads):
-        try:
+        with exit_on_user_error():
             train, test = load_data(sched, args.data, args.cache, sched.per_class, args.test_per_class)
             steps = split_into_steps(class_order(train.class_names, ORDER_SEED), CLASSES_PER_STEP, CLASSES_PER_STEP)
             result["class_order"] = [c for s in steps for c in s]
             done = resumed_rows(out / "results.json", result) if args.resume else {}
-        except UserError as e:
-            log(f"error: {e}")
-            sys.exit(2)
         log(f"steps: {steps}")
         shared: dict[str, dict[str, Any]] = {}  # memory-independent methods run once
         planned = {(row_label(n, args), m) for m in memories for n in args.methods}
@@ -454,13 +451,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def resumed_rows(path: Path, result: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
-    """Rows of an earlier run into the same folder, kept only if it ran the same settings."""
+    """Rows of an earlier run into the same folder, kept only if it ran the same settings; the
+    saved method list then names the earlier methods first, then this run's new ones."""
     if not path.is_file():
         return {}
     earlier = load_result(path)
     same = ("schedule", "class_order")
     mine = {**result["settings"], "methods": None}
-    mine_methods = result["settings"]["methods"]
     # Runs saved before --loss existed carry no loss_overrides: they ran with none.
     theirs = {"loss_overrides": {}, **earlier.get("settings", {}), "methods": None}
     differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
@@ -468,9 +465,9 @@ def resumed_rows(path: Path, result: dict[str, Any]) -> dict[tuple[str, int], di
     if differ:
         raise UserError(f"{path} holds a run with other settings ({', '.join(differ)}); "
                         "use another --out or drop --resume")
-    # The saved run lists every method it holds, the earlier ones first.
     earlier_methods = earlier["settings"].get("methods", [])
-    result["settings"]["methods"] = [*earlier_methods, *(n for n in mine_methods if n not in earlier_methods)]
+    new_methods = [n for n in result["settings"]["methods"] if n not in earlier_methods]
+    result["settings"]["methods"] = [*earlier_methods, *new_methods]
     return {(r["method"], r["memory"]): r for r in earlier["rows"]}
 
 
@@ -488,11 +485,8 @@ def finish(result: dict[str, Any], out: Path, args: argparse.Namespace) -> dict[
 
 def from_json(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Print the report and draw the plots of a saved results.json, e.g. of a run cut short."""
-    try:
+    with exit_on_user_error():
         result = load_result(path)
-    except UserError as e:
-        log(f"error: {e}")
-        sys.exit(2)
     return finish(result, output_dir(args.out), args)
 
 

@@ -9,13 +9,15 @@ import math
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from device.bench import torch_threads  # noqa: F401 - one implementation, re-exported
+from edge_m2kd.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,6 +39,16 @@ def output_dir(path: Path) -> Path:
 def log(message: str) -> None:
     """Progress goes to stderr, so stdout holds only the table or the JSON object."""
     print(message, file=sys.stderr, flush=True)
+
+
+@contextmanager
+def exit_on_user_error() -> Iterator[None]:
+    """Bad input (a missing data set, a foreign results.json) is one line on stderr and exit code 2."""
+    try:
+        yield
+    except UserError as e:
+        log(f"error: {e}")
+        sys.exit(2)
 
 
 def _jsonable(value: Any) -> Any:
