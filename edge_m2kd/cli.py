@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from edge_m2kd.errors import UserError
+from edge_m2kd.models.backbones import BACKBONES
 
 
 class Group(click.Group):
@@ -82,7 +83,16 @@ WS = click.Path(path_type=Path)
 
 @main.command()
 @click.argument("ws", type=WS)
-@click.option("--backbone", default="resnet32", show_default=True, type=click.Choice(["resnet32", "resnet20", "resnet18"]))
+@click.option("--backbone", default="resnet32", show_default=True, type=click.Choice(sorted(BACKBONES)))
+@click.option("--pretrained", default=None, metavar="imagenet|PATH",
+              help="start the backbone from torchvision's published ImageNet weights (downloaded once into "
+                   "torch's hub cache) or from a local .pth/.safetensors file")
+@click.option("--frozen-stages", default=None, type=click.IntRange(-1),
+              help="keep the first N backbone stages fixed (-1: all); default 1 when pretrained, else 0")
+@click.option("--backbone-lr-scale", default=None, type=click.FloatRange(0, min_open=True),
+              help="backbone learning rate as a fraction of the heads' (default 0.1 when pretrained, else 1)")
+@click.option("--lr", default=None, type=click.FloatRange(0, min_open=True),
+              help="learning rate of the heads (default 0.01 when pretrained, else 0.1)")
 @click.option("--input-size", default=32, show_default=True, type=click.IntRange(8, 1024))
 @click.option("--snapshots", "policy", default="packed", show_default=True, type=click.Choice(["packed", "sparse", "full"]))
 @click.option("--exemplars", default=2000, show_default=True, type=click.IntRange(0), help="exemplar images kept in all")
@@ -90,25 +100,26 @@ WS = click.Path(path_type=Path)
 @click.option("--memory-budget", default=None, help="a size (2GiB, 512MB) or a board: orin-nano-4gb, orin-nano-8gb, "
               "orin-nx-16gb, agx-orin-32gb, agx-orin-64gb")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--epochs", default=30, show_default=True, type=click.IntRange(1))
+@click.option("--epochs", default=None, type=click.IntRange(1), help="epochs per step (default 4 when pretrained, else 30)")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--planned-steps", default=10, show_default=True, type=click.IntRange(1),
               help="packed snapshots: how many steps the free weights must last")
 @click.option("--flip/--no-flip", default=True, show_default=True,
               help="mirror images in training; turn off where a mirror image is another class (text, digits, signs)")
 @click.option("--json", "as_json", is_flag=True)
-def init(ws: Path, backbone, input_size, policy, exemplars, method, memory_budget, device, epochs, batch_size,
-         planned_steps, flip, as_json) -> None:
+def init(ws: Path, backbone, pretrained, frozen_stages, backbone_lr_scale, lr, input_size, policy, exemplars, method,
+         memory_budget, device, epochs, batch_size, planned_steps, flip, as_json) -> None:
     """Create a workspace WS."""
     from edge_m2kd.commands import init_workspace
 
     out = init_workspace(ws, backbone, input_size, policy, exemplars, method, memory_budget, device, epochs,
-                         batch_size, planned_steps, flip)
+                         batch_size, planned_steps, flip, pretrained, frozen_stages, backbone_lr_scale, lr)
     if as_json:
         emit_json(out)
     else:
         budget = out["memory_budget_bytes"]
-        click.echo(f"created workspace {ws}: {method}, {backbone} at {input_size}px, {policy} snapshots, "
+        start = f", from {out['pretrained']['source']}" if pretrained else ""
+        click.echo(f"created workspace {ws}: {method}, {backbone} at {input_size}px{start}, {policy} snapshots, "
                    f"{exemplars} exemplars" + (f", budget {_mib(budget).strip()}" if budget else ""))
 
 

@@ -12,13 +12,15 @@ import numpy as np
 
 from device.probes import PeakMemorySampler, process_rss_bytes
 from edge_m2kd import distributed, faults
-from edge_m2kd.config import LearnerConfig, method_config
+from edge_m2kd.config import PRETRAINED_DEFAULTS, LearnerConfig, method_config
 from edge_m2kd.data import load_image_folder, train_val_split
 from edge_m2kd.data.sources import ImageSet
 from edge_m2kd.errors import UserError
 from edge_m2kd.evaluation import evaluate
 from edge_m2kd.learner import Learner, Progress
 from edge_m2kd.memory import largest_batch_that_fits, parse_budget, predict_training_peak, tensor_bytes
+from edge_m2kd.models.pretrained import check_fits, fetch_pretrained
+from edge_m2kd.snapshots import build_model
 from edge_m2kd.workspace import Workspace
 
 HOLDOUT_FRACTION = 0.1
@@ -35,23 +37,54 @@ def init_workspace(
     method: str = "m2kd",
     budget: str | None = None,
     device: str = "auto",
-    epochs: int = 30,
+    epochs: int | None = None,
     batch_size: int = 64,
     planned_steps: int = 10,
     flip: bool = True,
+    pretrained: str | None = None,
+    frozen_stages: int | None = None,
+    backbone_lr_scale: float | None = None,
+    lr: float | None = None,
 ) -> dict[str, Any]:
+    """A new workspace. On a pretrained start the defaults are those of PRETRAINED_DEFAULTS
+    (fewer epochs, a smaller learning rate for the backbone, the early stages frozen)."""
+    start = PRETRAINED_DEFAULTS if pretrained else {}
+    given = {"epochs": epochs, "frozen_stages": frozen_stages, "backbone_lr_scale": backbone_lr_scale, "lr": lr}
+    knobs = {**start, **{k: v for k, v in given.items() if v is not None}}
     cfg = method_config(
         method,
-        model={"backbone": backbone, "input_size": input_size, "small_input_stem": backbone == "resnet18" and input_size < 64},
-        train={"device": device, "epochs": epochs, "batch_size": batch_size, "flip": flip,
-               "crop_pad": max(1, input_size // 8)},
-        snapshots={"policy": policy, "planned_steps": planned_steps},
+        # The ImageNet stem is what pretrained ResNet-18 weights were trained with; keep it.
+        model={"backbone": backbone, "input_size": input_size,
+               "small_input_stem": backbone == "resnet18" and input_size < 64 and not pretrained,
+               "pretrained": pretrained,
+               **{k: v for k, v in knobs.items() if k == "frozen_stages"}},
+        train={"device": device, "batch_size": batch_size, "flip": flip, "crop_pad": max(1, input_size // 8),
+               **{k: v for k, v in knobs.items() if k in ("epochs", "backbone_lr_scale", "lr")}},
+        snapshots={"policy": policy, "planned_steps": planned_steps,
+                   **({"free_restart": "pretrained"} if pretrained else {})},
     )
     if cfg.memory.total:
         cfg.memory.total = exemplars
+    extra: dict[str, Any] = {}
+    if pretrained:
+        extra["pretrained"] = record_pretrained(cfg)
     budget_bytes = parse_budget(budget) if budget else None
-    ws = Workspace.create(path, cfg, {"memory_budget": budget, "memory_budget_bytes": budget_bytes})
-    return {"workspace": str(ws.path), "config": cfg.to_dict(), "memory_budget_bytes": budget_bytes}
+    ws = Workspace.create(path, cfg, {"memory_budget": budget, "memory_budget_bytes": budget_bytes, **extra})
+    return {"workspace": str(ws.path), "config": cfg.to_dict(), "memory_budget_bytes": budget_bytes, **extra}
+
+
+
+def record_pretrained(cfg: LearnerConfig) -> dict[str, str]:
+    """Read the pretrained weights once, refuse them unless they fit the backbone exactly, and
+    pin the config to that file (its sha256, an absolute path for a local file)."""
+    spec = cfg.model
+    assert spec.pretrained is not None
+    if spec.pretrained != "imagenet":
+        spec.pretrained = str(Path(spec.pretrained).resolve())
+    weights = fetch_pretrained(spec.backbone, spec.pretrained)
+    check_fits(build_model(spec, 0).backbone, weights, spec.backbone)
+    spec.pretrained_sha256 = weights.sha256
+    return {"source": weights.source, "sha256": weights.sha256}
 
 
 def _open(path: str | Path) -> tuple[Workspace, Learner]:

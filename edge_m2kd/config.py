@@ -10,6 +10,7 @@ from typing import Any, Literal
 SnapshotPolicy = Literal["full", "packed", "sparse"]
 BiasCorrection = Literal["weight_aligning", "balanced_finetune", "none"]
 Classifier = Literal["cnn", "nme"]
+FreeRestart = Literal["small_random", "pretrained"]
 
 # Per-channel statistics of natural RGB images (ImageNet); folded into exported models.
 IMAGE_MEAN = (0.485, 0.456, 0.406)
@@ -22,6 +23,15 @@ class ModelConfig:
     input_size: int = 32
     small_input_stem: bool = False  # ResNet-18 only: keep small inputs at full resolution
     aux_levels: list[int] | None = None  # None: every stage but the last
+    # Where the backbone's weights start: None (random), "imagenet" (torchvision's published
+    # file, through torch.hub's cache) or a local .pth/.safetensors path; the sha256 of the
+    # file is recorded at init and checked whenever the weights are read again.
+    pretrained: str | None = None
+    pretrained_sha256: str | None = None
+    # The first N stages (stem included) keep their starting weights and BatchNorm statistics
+    # for good: they save no activations, and every snapshot shares them at no extra bytes.
+    # -1 freezes every stage (a frozen feature extractor).
+    frozen_stages: int = 0
 
 
 @dataclass
@@ -44,6 +54,9 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 64
     lr: float = 0.1
+    # The backbone's learning rate is lr * backbone_lr_scale (the heads' is lr): a pretrained
+    # backbone needs small steps to keep its features, new heads need large ones.
+    backbone_lr_scale: float = 1.0
     momentum: float = 0.9
     weight_decay: float = 5e-4
     seed: int = 1993
@@ -74,6 +87,9 @@ class SnapshotConfig:
     # packed: fraction of all weights the first step keeps. 0.3 rather than half: later steps
     # get 0.7/(planned-1) each, and on digits the packed-vs-full gap fell from 6.4 to 2.2 points.
     first_step_share: float = 0.3
+    # packed: what the weights freed by pruning restart from at the next step: "small_random"
+    # (reinit_scale of Kaiming scale) or "pretrained" (their starting pretrained values).
+    free_restart: FreeRestart = "small_random"
     reinit_scale: float = 0.1  # packed: free weights restart at this fraction of Kaiming scale
     prune_finetune_epochs: int = 5  # packed/sparse: fine-tuning of the kept weights after pruning
     prune_finetune_lr: float = 0.01
@@ -107,38 +123,46 @@ class LearnerConfig:
         )
 
 
+# What a pretrained start changes in the defaults (init --pretrained, benchmarks.cil's
+# cpu-pretrained schedule): fewer epochs, small steps for the backbone, the first stage frozen.
+# How it was chosen: docs/benchmarks.md, "Pretrained MobileNetV2".
+PRETRAINED_DEFAULTS: dict[str, Any] = {"epochs": 4, "lr": 0.01, "backbone_lr_scale": 0.1, "frozen_stages": 1}
+
 NO_DISTILLATION = dict(multi_model=False, multi_level=False, last_model_all_old=False)
 LAST_MODEL_ONLY = dict(multi_model=False, multi_level=False, last_model_all_old=True)
+SECTIONS = ("model", "loss", "train", "memory", "snapshots")
 
-# name -> (loss overrides, memory overrides, snapshot overrides)
-METHODS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
-    "finetune": ({**NO_DISTILLATION, "aux_heads": False}, {"total": 0}, {"policy": "full"}),
-    "lwf": ({**LAST_MODEL_ONLY, "aux_heads": False}, {"total": 0}, {"policy": "full"}),
-    "icarl": ({**LAST_MODEL_ONLY, "aux_heads": False}, {}, {"policy": "full"}),
-    "m2kd": ({}, {}, {}),
+# name -> {section: field overrides}; sections as in LearnerConfig
+METHODS: dict[str, dict[str, dict[str, Any]]] = {
+    "finetune": {"loss": {**NO_DISTILLATION, "aux_heads": False}, "memory": {"total": 0}, "snapshots": {"policy": "full"}},
+    "lwf": {"loss": {**LAST_MODEL_ONLY, "aux_heads": False}, "memory": {"total": 0}, "snapshots": {"policy": "full"}},
+    "icarl": {"loss": {**LAST_MODEL_ONLY, "aux_heads": False}, "snapshots": {"policy": "full"}},
+    "m2kd": {},
     # Ablations of M2KD: one ingredient each.
-    "m2kd-multi-model": ({"multi_level": False}, {}, {}),
-    "m2kd-multi-level": ({"multi_model": False, "last_model_all_old": True}, {}, {}),
-    "joint": ({**NO_DISTILLATION, "aux_heads": False}, {"keep_all": True}, {"policy": "full"}),
+    "m2kd-multi-model": {"loss": {"multi_level": False}},
+    "m2kd-multi-level": {"loss": {"multi_model": False, "last_model_all_old": True}},
+    "joint": {"loss": {**NO_DISTILLATION, "aux_heads": False}, "memory": {"keep_all": True},
+              "snapshots": {"policy": "full"}},
+    # The bar a trained method must clear on a pretrained backbone: no training at all, the
+    # frozen features classified by the nearest mean of the exemplars.
+    "ncm-frozen": {"model": {"frozen_stages": -1}, "loss": {**NO_DISTILLATION, "aux_heads": False},
+                   "train": {"epochs": 0, "classifier": "nme", "bias_correction": "none"},
+                   "snapshots": {"policy": "full"}},
 }
 
 
 def method_config(method: str, **sections: dict[str, Any]) -> LearnerConfig:
     """The config of a named method; `sections` override fields per section, e.g.
-    ``method_config("m2kd", train={"epochs": 5}, snapshots={"policy": "full"})``."""
+    ``method_config("m2kd", train={"epochs": 5}, snapshots={"policy": "full"})``: the method's
+    own settings first, then `sections` (a caller's explicit choice wins)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
-    loss, memory, snapshots = METHODS[method]
-    cfg = LearnerConfig(
-        method=method,
-        loss=LossConfig(**loss),
-        memory=MemoryConfig(**memory),
-        snapshots=SnapshotConfig(**snapshots),
-    )
-    for name, overrides in sections.items():
-        section = getattr(cfg, name)
-        for key, value in overrides.items():
-            if not hasattr(section, key):
-                raise ValueError(f"unknown {name} option {key!r}")
-            setattr(section, key, value)
+    cfg = LearnerConfig(method=method)
+    for overrides in (METHODS[method], sections):
+        for name, fields in overrides.items():
+            section = getattr(cfg, name)
+            for key, value in fields.items():
+                if not hasattr(section, key):
+                    raise ValueError(f"unknown {name} option {key!r}")
+                setattr(section, key, value)
     return cfg

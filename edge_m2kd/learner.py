@@ -21,6 +21,7 @@ from edge_m2kd.errors import UserError
 from edge_m2kd.exemplars import ExemplarMemory
 from edge_m2kd.losses import m2kd_loss, teacher_terms
 from edge_m2kd.models import DeployedClassifier, IncrementalNet
+from edge_m2kd.models.pretrained import PretrainedWeights, fetch_pretrained, load_pretrained
 from edge_m2kd.preprocess import normalize, to_unit
 from edge_m2kd.snapshots import build_model, make_store
 from edge_m2kd.teachers import build_teachers
@@ -61,6 +62,21 @@ class Learner:
         self.class_names: list[str] = []  # in head order
         self.groups: list[list[int]] = []  # class ids first learned at each step
         self.class_means: torch.Tensor | None = None  # NME, over normalised features
+        self._pretrained: PretrainedWeights | None = None  # read when a step needs it
+
+    def pretrained(self) -> PretrainedWeights | None:
+        """The backbone's starting weights, checked against the sha256 recorded at init."""
+        spec = self.cfg.model
+        if spec.pretrained is None:
+            return None
+        if self._pretrained is None:
+            weights = fetch_pretrained(spec.backbone, spec.pretrained)
+            if spec.pretrained_sha256 and weights.sha256 != spec.pretrained_sha256:
+                raise UserError(f"pretrained weights {weights.source} changed since the workspace was created "
+                                f"(sha256 {weights.sha256[:12]}..., recorded {spec.pretrained_sha256[:12]}...); "
+                                "restore the original file")
+            self._pretrained = weights
+        return self._pretrained
 
     @property
     def steps_done(self) -> int:
@@ -73,6 +89,8 @@ class Learner:
         torch.manual_seed(self.cfg.train.seed + t)
         new_ids = list(range(len(self.class_names), len(self.class_names) + len(classes)))
         new_images = {c: data.images[data.labels == data.class_names.index(n)] for c, n in zip(new_ids, classes)}
+        if t == 1 and (weights := self.pretrained()) is not None:
+            load_pretrained(self.model.backbone, weights, self.cfg.model.backbone)
         self.class_names += classes
         self.groups.append(new_ids)
         self.model.add_classes(len(classes))
@@ -82,7 +100,8 @@ class Learner:
         terms = teacher_terms(t, self.groups, self.cfg.loss)
         snapshots = {k: self.store.teacher(k) for k in sorted({k for k, _ in terms})}
         teachers = build_teachers(snapshots, self.cfg.train.teacher_mode)
-        self.store.prepare(self.model, t)
+        restart = self.pretrained() if self.cfg.snapshots.free_restart == "pretrained" and t > 1 else None
+        self.store.prepare(self.model, t, restart.state if restart else None)
 
         def train(model: IncrementalNet, masks: dict[str, torch.Tensor], epochs: int, lr: float, phase: str) -> dict[str, float]:
             report = (lambda *a: progress(phase, *a)) if progress else None
@@ -153,13 +172,18 @@ class Learner:
         """SGD with a cosine schedule. Weight decay is applied to the gradient by hand so the
         masks also cover it: a frozen (owned) weight must not move at all."""
         tc, n = self.cfg.train, len(images)
+        if epochs == 0:  # e.g. ncm-frozen: nothing is trained
+            return {}
         self._to_device(model).train()
         if teachers is not None:
             self._to_device(teachers)
         params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         rank, world_size = distributed.world()
         net = distributed.wrap(model, self.device, tc.sync_batchnorm)
-        opt = torch.optim.SGD(params.values(), lr=lr, momentum=tc.momentum, weight_decay=0.0)
+        backbone = [p for name, p in params.items() if name.startswith("backbone.")]
+        heads = [p for name, p in params.items() if not name.startswith("backbone.")]
+        groups = [{"params": backbone, "lr": lr * tc.backbone_lr_scale}, {"params": heads, "lr": lr}]
+        opt = torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=tc.momentum, weight_decay=0.0)
         batches = max(1, -(-n // tc.batch_size))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * batches)
         # Every rank draws the same global batches and the same augmentation, then trains on its
@@ -179,10 +203,11 @@ class Learner:
                 idx = idx[rank::world_size]
                 y = labels_t[idx].to(self.device)
                 teacher_outs = {}
-                if teachers is not None:
-                    with torch.inference_mode():
-                        teacher_outs = teachers(x, with_aux=self.cfg.loss.multi_level)
-                out = net(x, with_aux=with_aux)
+                with torch.no_grad():  # frozen stages: once per batch, for the student and every teacher
+                    frozen = model.frozen_outputs(x) if model.n_frozen else None
+                    if teachers is not None:
+                        teacher_outs = teachers(x, with_aux=self.cfg.loss.multi_level, frozen=frozen)
+                out = net(x, with_aux=with_aux, frozen=frozen)
                 loss = m2kd_loss(out, y, terms, teacher_outs, self.cfg.loss)
                 opt.zero_grad(set_to_none=True)
                 loss.total.backward()

@@ -100,14 +100,15 @@ def predict_training_peak(
     with_aux: bool = True,
 ) -> TrainingPeak:
     params = tensor_bytes(model.parameters())
+    trainable = tensor_bytes(p for p in model.parameters() if p.requires_grad)  # frozen stages: neither
     buffers = tensor_bytes(model.buffers())
     image = input_size * input_size * 3
-    per_image = activation_bytes_per_image(model, input_size, with_aux)
+    per_image = activation_bytes_per_image(model, input_size, with_aux)  # frozen stages save none
     return TrainingPeak({
         "runtime": runtime_bytes,  # interpreter, torch and its allocator, measured
         "weights": params + buffers,
-        "gradients": params,
-        "optimizer_state": params,  # SGD momentum: one buffer per parameter
+        "gradients": trainable,
+        "optimizer_state": trainable,  # SGD momentum: one buffer per trained parameter
         "teachers": teachers * snapshot_model_bytes,  # rebuilt, fp32, for the whole step
         "training_images": train_images * image,  # uint8 new data in memory
         "exemplars": exemplar_bytes,

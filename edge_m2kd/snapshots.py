@@ -37,14 +37,14 @@ State = dict[str, torch.Tensor]
 Finetune = Callable[[IncrementalNet, dict[str, torch.Tensor], int], None]
 
 
-def prunable_names(model: nn.Module) -> list[str]:
-    """Backbone conv and linear weights: what pruning and ownership apply to. BatchNorm,
-    biases and heads are small and stored per step instead."""
-    return [
-        f"backbone.{name}.weight"
-        for name, m in model.backbone.named_modules()  # type: ignore[union-attr]
-        if isinstance(m, nn.Conv2d | nn.Linear)
-    ]
+def prunable_names(model: IncrementalNet) -> list[str]:
+    """Backbone conv and linear weights outside the frozen stages: what pruning and ownership
+    apply to. BatchNorm, biases and heads are small and stored per step instead; the frozen
+    stages never change, so every snapshot shares the student's (see SnapshotStore.shared)."""
+    frozen = model.frozen_names()
+    names = [f"backbone.{name}.weight" for name, m in model.backbone.named_modules()
+             if isinstance(m, nn.Conv2d | nn.Linear)]
+    return [n for n in names if n not in frozen]
 
 
 def state_bytes(state: State) -> int:
@@ -52,7 +52,8 @@ def state_bytes(state: State) -> int:
 
 
 def build_model(model_cfg: ModelConfig, n_classes: int) -> IncrementalNet:
-    model = IncrementalNet(model_cfg.backbone, model_cfg.aux_levels, model_cfg.small_input_stem)
+    model = IncrementalNet(model_cfg.backbone, model_cfg.aux_levels, model_cfg.small_input_stem,
+                           model_cfg.frozen_stages)
     model.add_classes(n_classes)
     return model
 
@@ -111,14 +112,17 @@ class SnapshotStore(ABC):
         self.probe: np.ndarray | None = None  # uint8 images, fixed at the first commit
         self.probe_logits: dict[int, torch.Tensor] = {}
         self._skeletons: dict[int, IncrementalNet] = {}
+        # The frozen stages' tensors, the same in every snapshot: taken from the student, stored
+        # with it, never per step.
+        self.shared: State = {}
 
     @property
     def steps(self) -> list[int]:
         return sorted(self.n_classes)
 
     # -- hooks into the learner's step (no-ops unless a policy needs them) --------------
-    def prepare(self, model: IncrementalNet, step: int) -> None:
-        """Before training step `step`."""
+    def prepare(self, model: IncrementalNet, step: int, initial: State | None = None) -> None:
+        """Before training step `step`; `initial`: the backbone's starting (pretrained) weights."""
 
     def grad_masks(self, model: IncrementalNet) -> dict[str, torch.Tensor]:
         """Parameter name -> 0/1 mask of the entries training may change this step."""
@@ -132,6 +136,7 @@ class SnapshotStore(ABC):
         if self.probe is None:
             self.probe = probe.copy()
         self.n_classes[step] = model.num_classes
+        self.shared = _cpu_copy({k: v for k, v in model.state_dict().items() if k in model.frozen_names()})
         snapshot_model = self._store(step, model)
         self.probe_logits[step] = self._probe_logits(snapshot_model)
 
@@ -140,8 +145,12 @@ class SnapshotStore(ABC):
         """Keep step `step`; return the model whose outputs the snapshot must reproduce."""
 
     @abstractmethod
+    def _snapshot_state(self, step: int) -> State:
+        """Snapshot `step`'s tensors, from what the store keeps (the shared ones aside)."""
+
     def _rebuild(self, step: int) -> IncrementalNet:
-        """Snapshot `step` as a model, from what the store keeps."""
+        model = build_model(self.model_cfg, self.n_classes[step])
+        return _load_partial(model, {**self._snapshot_state(step), **self.shared})
 
     def teacher(self, step: int) -> IncrementalNet:
         return freeze(self._rebuild(step))
@@ -194,6 +203,10 @@ class SnapshotStore(ABC):
         self.probe_logits = {k: tensors[f"probe_logits.{k}"] for k in self.n_classes}
         self._load_tensors(tensors)
 
+    def attach(self, model: IncrementalNet, tensors: State) -> None:
+        """After `load` and the student's own weights: take what the store shares with it."""
+        self.shared = _cpu_copy({k: v for k, v in model.state_dict().items() if k in model.frozen_names()})
+
     @abstractmethod
     def _tensors(self) -> State: ...
 
@@ -240,13 +253,11 @@ class FullSnapshots(SnapshotStore):
         self.copies: dict[int, State] = {}
 
     def _store(self, step: int, model: IncrementalNet) -> nn.Module:
-        self.copies[step] = _cpu_copy(model.state_dict())
+        self.copies[step] = _cpu_copy({k: v for k, v in model.state_dict().items() if k not in self.shared})
         return model
 
-    def _rebuild(self, step: int) -> IncrementalNet:
-        model = build_model(self.model_cfg, self.n_classes[step])
-        model.load_state_dict(self.copies[step])
-        return model
+    def _snapshot_state(self, step: int) -> State:
+        return self.copies[step]
 
     def bytes_report(self) -> list[SnapshotBytes]:
         return [
@@ -266,9 +277,9 @@ def _extras(model: IncrementalNet) -> State:
     """What a snapshot keeps per step besides the prunable weights: BatchNorm statistics and
     affine parameters, biases, and the main and auxiliary head rows known at that step.
     (BatchNorm's batch counter only matters for training with momentum=None: not kept.)"""
-    prunable = set(prunable_names(model))
+    skip = set(prunable_names(model)) | model.frozen_names()
     return _cpu_copy({k: v for k, v in model.state_dict().items()
-                      if k not in prunable and not k.endswith("num_batches_tracked")})
+                      if k not in skip and not k.endswith("num_batches_tracked")})
 
 
 def _load_partial(model: IncrementalNet, state: State) -> IncrementalNet:
@@ -302,7 +313,7 @@ class PackedSnapshots(SnapshotStore):
         total = sum(o.numel() for o in self.owner.values())
         return sum(int((o == 0).sum()) for o in self.owner.values()) / max(total, 1)
 
-    def prepare(self, model: IncrementalNet, step: int) -> None:
+    def prepare(self, model: IncrementalNet, step: int, initial: State | None = None) -> None:
         params = dict(model.named_parameters())
         if not self.owner:
             self.owner = {n: torch.zeros_like(params[n], dtype=torch.uint8, device="cpu") for n in prunable_names(model)}
@@ -316,12 +327,18 @@ class PackedSnapshots(SnapshotStore):
         # Free weights were zeroed when the last step was packed. Restart them small: at full
         # Kaiming scale they would swamp the frozen weights' signal and the step would begin by
         # destroying the features every old class relies on; at zero they could not learn.
+        # On a pretrained start they can restart from their pretrained values instead.
+        from_pretrained = self.cfg.free_restart == "pretrained" and initial is not None
         with torch.no_grad():
             for name, owner in self.owner.items():
                 w = params[name]
-                fresh = torch.empty_like(w)
-                nn.init.kaiming_normal_(fresh, mode="fan_out", nonlinearity="relu")
-                fresh.mul_(self.cfg.reinit_scale)
+                if from_pretrained:
+                    assert initial is not None
+                    fresh = initial[name.removeprefix("backbone.")].to(w.device, w.dtype)
+                else:
+                    fresh = torch.empty_like(w)
+                    nn.init.kaiming_normal_(fresh, mode="fan_out", nonlinearity="relu")
+                    fresh.mul_(self.cfg.reinit_scale)
                 free = (owner == 0).to(w.device)
                 w.copy_(torch.where(free, fresh, w))
 
@@ -354,13 +371,12 @@ class PackedSnapshots(SnapshotStore):
         self.extras[step] = _extras(model)
         return model
 
-    def _rebuild(self, step: int) -> IncrementalNet:
-        model = build_model(self.model_cfg, self.n_classes[step])
+    def _snapshot_state(self, step: int) -> State:
         state = dict(self.extras[step])
         for name, owner in self.owner.items():
             visible = (owner > 0) & (owner <= step)
             state[name] = torch.where(visible, self.weights[name], torch.zeros(()))
-        return _load_partial(model, state)
+        return state
 
     def owner_bits(self) -> int:
         return max(1, math.ceil(math.log2(len(self.n_classes) + 1)))
@@ -388,8 +404,9 @@ class PackedSnapshots(SnapshotStore):
     def _load_tensors(self, tensors: State) -> None:
         self.extras = {k: _unflatten(tensors[f"extras.{k}"], self._extras_layout(k)) for k in self.n_classes}
 
-    def load_owner_map(self, model: IncrementalNet, tensors: State) -> None:
+    def attach(self, model: IncrementalNet, tensors: State) -> None:
         """Unpack the owner map against the student's shapes and take its weights."""
+        super().attach(model, tensors)
         params = dict(model.named_parameters())
         names = prunable_names(model)
         count = sum(params[n].numel() for n in names)
@@ -444,17 +461,16 @@ class SparseSnapshots(SnapshotStore):
         self.extras[step] = _extras(copy)
         return copy
 
-    def _rebuild(self, step: int) -> IncrementalNet:
-        model = build_model(self.model_cfg, self.n_classes[step])
+    def _snapshot_state(self, step: int) -> State:
         state = dict(self.extras[step])
-        shapes = {k: v.shape for k, v in model.state_dict().items()}
+        shapes = {k: v.shape for k, v in self._skeleton(step).state_dict().items()}
         for name, bitmap in self.bitmaps[step].items():
             numel = math.prod(shapes[name])
             mask = torch.from_numpy(np.unpackbits(bitmap.numpy())[:numel].astype(bool))
             w = torch.zeros(numel)
             w[mask] = self.values[step][name].float()
             state[name] = w.view(shapes[name])
-        return _load_partial(model, state)
+        return state
 
     def bytes_report(self) -> list[SnapshotBytes]:
         rows = []

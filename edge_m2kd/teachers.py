@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from edge_m2kd.models import IncrementalNet, NetOutput
 from edge_m2kd.models.resnet import BasicBlock
@@ -25,13 +26,22 @@ from edge_m2kd.models.resnet import BasicBlock
 
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias of one convolution equal to conv followed by (eval-mode) bn."""
-    assert bn.running_var is not None and bn.running_mean is not None
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    weight = conv.weight * scale.view(-1, 1, 1, 1)
-    bias = bn.bias - bn.running_mean * scale
-    if conv.bias is not None:
-        bias = bias + conv.bias * scale
-    return weight.detach(), bias.detach()
+    fused = fuse_conv_bn_eval(conv.eval(), bn.eval())
+    assert fused.bias is not None
+    return fused.weight.detach(), fused.bias.detach()
+
+
+def fold_batchnorm(net: nn.Module) -> nn.Module:
+    """Fold, in place, every BatchNorm into the convolution registered just before it in the
+    same module (conv1/bn1 of a ResNet block, conv/BN of a Sequential): our backbones apply
+    each such BatchNorm directly to that convolution's output, and only there."""
+    for module in list(net.modules()):
+        children = list(module.named_children())
+        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(module, conv_name, fuse_conv_bn_eval(conv.eval(), bn.eval()))
+                setattr(module, bn_name, nn.Identity())
+    return net
 
 
 class StackedConv(nn.Module):
@@ -109,7 +119,9 @@ class StackedTeachers(nn.Module):
         self.aux_heads = [[(w.to(device), b.to(device)) for w, b in heads] for heads in self.aux_heads]
         return self
 
-    def forward(self, x: torch.Tensor, with_aux: bool = True) -> dict[int, NetOutput]:
+    def forward(self, x: torch.Tensor, with_aux: bool = True,
+                frozen: list[torch.Tensor] | None = None) -> dict[int, NetOutput]:
+        """`frozen` is accepted for the common interface; stacked teachers compute every stage."""
         n = len(x)
         h = self.stem(x)
         pooled = []
@@ -134,28 +146,19 @@ class SeparateTeachers(nn.Module):
         self.steps = sorted(teachers)
         self.nets = nn.ModuleList([teachers[k].eval() for k in self.steps])
 
-    def forward(self, x: torch.Tensor, with_aux: bool = True) -> dict[int, NetOutput]:
-        return {k: net(x, with_aux=with_aux) for k, net in zip(self.steps, self.nets)}
+    def forward(self, x: torch.Tensor, with_aux: bool = True,
+                frozen: list[torch.Tensor] | None = None) -> dict[int, NetOutput]:
+        """`frozen`: the outputs of the stages every teacher shares with the student, if known."""
+        return {k: net(x, with_aux=with_aux, frozen=frozen) for k, net in zip(self.steps, self.nets)}
 
 
-class FoldedTeachers(nn.Module):
+class FoldedTeachers(SeparateTeachers):
     """Each teacher folded (BatchNorm into its convolutions) but run on its own: no grouped
-    convolution, which oneDNN runs slowly on one CPU thread (benchmarks/overhead.py)."""
+    convolution, which oneDNN runs slowly on one CPU thread (benchmarks/overhead.py). Works
+    for every backbone (stacking needs ResNet blocks)."""
 
     def __init__(self, teachers: dict[int, IncrementalNet]) -> None:
-        super().__init__()
-        self.parts = nn.ModuleList([StackedTeachers({k: teachers[k]}) for k in sorted(teachers)])
-
-    def to(self, *args, **kwargs):  # noqa: ANN002, ANN003 - each part moves its plain-tensor heads
-        for part in self.parts:
-            part.to(*args, **kwargs)
-        return self
-
-    def forward(self, x: torch.Tensor, with_aux: bool = True) -> dict[int, NetOutput]:
-        out: dict[int, NetOutput] = {}
-        for part in self.parts:
-            out.update(part(x, with_aux))
-        return out
+        super().__init__({k: fold_batchnorm(net.eval()) for k, net in teachers.items()})
 
 
 TEACHER_MODES = {"stacked": StackedTeachers, "folded": FoldedTeachers, "separate": SeparateTeachers}

@@ -29,21 +29,13 @@ from safetensors.torch import load_file, save_file
 from edge_m2kd import faults
 from edge_m2kd.config import LearnerConfig
 from edge_m2kd.errors import UserError
+from edge_m2kd.hashing import sha256
 from edge_m2kd.learner import Learner
-from edge_m2kd.snapshots import PackedSnapshots
 
 FORMAT_VERSION = 1
 MANIFEST = "workspace.json"
 GENERATIONS = "generations"
 FILES = ("model.safetensors", "snapshots.safetensors", "exemplars.safetensors", "holdout.safetensors")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fsync_dir(path: Path) -> None:
@@ -179,8 +171,7 @@ class Workspace:
         learner.model.load_state_dict(model_t)
         learner.model.to(learner.device)
         learner.store.load(snap_t, self.manifest["snapshots"])
-        if isinstance(learner.store, PackedSnapshots):
-            learner.store.load_owner_map(learner.model, snap_t)
+        learner.store.attach(learner.model, snap_t)
         learner.memory.images = {int(k.split(".")[1]): v.numpy() for k, v in ex_t.items()}
         return learner
 

@@ -85,7 +85,7 @@ def test_state_round_trip_keeps_every_snapshot(packed):
     tensors, meta = packed.store.state()
     fresh = make_store(packed.cfg.snapshots, packed.cfg.model)
     fresh.load(tensors, meta)
-    fresh.load_owner_map(packed.model, tensors)
+    fresh.attach(packed.model, tensors)
     for k in (1, 2, 3):
         a, b = fresh.teacher(k), packed.store.teacher(k)
         for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge_m2kd.models.resnet import build_backbone
+from edge_m2kd.models.backbones import build_backbone
 
 
 class GrowingLinear(nn.Module):
@@ -56,11 +56,19 @@ class IncrementalNet(nn.Module):
         backbone: str = "resnet32",
         aux_levels: list[int] | None = None,
         small_input_stem: bool = False,
+        frozen_stages: int = 0,
     ) -> None:
         super().__init__()
         self.backbone_name = backbone
         self.backbone = build_backbone(backbone, small_input_stem)
-        channels = self.backbone.stage_channels
+        channels: list[int] = self.backbone.stage_channels
+        stages: list[list[nn.Module]] = self.backbone.stage_modules()
+        self.n_frozen = len(stages) if frozen_stages < 0 else min(frozen_stages, len(stages))
+        # Plain lists, not ModuleLists: the modules are registered once, in the backbone.
+        self._stages = stages
+        self.frozen_modules: list[nn.Module] = [m for stage in stages[: self.n_frozen] for m in stage]
+        for m in self.frozen_modules:
+            m.requires_grad_(False)
         # Default: every stage but the last (whose output the main head already reads).
         self.aux_levels = list(range(len(channels) - 1)) if aux_levels is None else list(aux_levels)
         self.main_head = GrowingLinear(channels[-1])
@@ -71,12 +79,42 @@ class IncrementalNet(nn.Module):
     def num_classes(self) -> int:
         return self.main_head.out_features
 
+    def frozen_names(self) -> set[str]:
+        """state_dict keys of the frozen stages: constant from the first step on."""
+        ids = {id(t) for m in self.frozen_modules for t in [*m.parameters(), *m.buffers()]}
+        return {k for k, t in self.state_dict(keep_vars=True).items() if id(t) in ids}
+
+    def train(self, mode: bool = True) -> IncrementalNet:
+        """Frozen stages stay in eval mode: their BatchNorm statistics are part of what is frozen."""
+        super().train(mode)
+        for m in self.frozen_modules:
+            m.eval()
+        return self
+
     def add_classes(self, n: int) -> None:
         for head in [self.main_head, *self.aux_heads]:
             head.grow(n)
 
-    def forward(self, x: torch.Tensor, with_aux: bool = True) -> NetOutput:
-        stages = self.backbone(x)
+    def _run_stages(self, x: torch.Tensor, start: int, stop: int) -> list[torch.Tensor]:
+        # Every backbone's forward is its stage modules applied in order (models/backbones.py).
+        outputs = []
+        for stage in self._stages[start:stop]:
+            for module in stage:
+                x = module(x)
+            outputs.append(x)
+        return outputs
+
+    def frozen_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The frozen stages' outputs. They are the same for the student and for every teacher
+        (which share those weights), so a training step computes them once per batch."""
+        return self._run_stages(x, 0, self.n_frozen)
+
+    def forward(self, x: torch.Tensor, with_aux: bool = True, frozen: list[torch.Tensor] | None = None) -> NetOutput:
+        """`frozen`: frozen_outputs(x), when the caller has them already."""
+        if frozen is None:
+            stages = self.backbone(x)
+        else:
+            stages = [*frozen, *self._run_stages(frozen[-1] if frozen else x, len(frozen), len(self._stages))]
         features = stages[-1].mean(dim=(2, 3))
         aux = []
         if with_aux:

@@ -1,7 +1,9 @@
 """Backbones that return the output of every stage (the levels M2KD distills at).
 
-Every backbone has the same small interface: ``stage_channels`` (one entry per stage) and
-``forward(x) -> list[Tensor]`` with one feature map per stage, last stage last.
+Every backbone has the same small interface: ``stage_channels`` (one entry per stage),
+``stage_modules()`` (the modules of each stage, for freezing) and ``forward(x) -> list[Tensor]``
+with one feature map per stage, last stage last. ``backbones.BACKBONES`` is the
+table of them all.
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ class StagedResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
+    def stage_modules(self) -> list[list[nn.Module]]:
+        """The modules of each stage; the stem belongs to the first (freezing stage 0 freezes it)."""
+        return [[self.stem, self.stages[0]], *([s] for s in self.stages[1:])]
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)
         outputs = []
@@ -88,14 +94,3 @@ def resnet18(small_input_stem: bool = False) -> StagedResNet:
     else:
         stem = nn.Sequential(_conv_bn_relu(3, 64, 7, 2), nn.MaxPool2d(3, 2, 1))
     return StagedResNet(stem, 64, [(64, 2, 1), (128, 2, 2), (256, 2, 2), (512, 2, 2)])
-
-
-BACKBONES = {"resnet20": resnet20, "resnet32": resnet32, "resnet18": resnet18}
-
-
-def build_backbone(name: str, small_input_stem: bool = False) -> StagedResNet:
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
-    if name == "resnet18":
-        return resnet18(small_input_stem)
-    return BACKBONES[name]()
