@@ -87,8 +87,9 @@ class SnapshotConfig:
     # packed: fraction of all weights the first step keeps. 0.3 rather than half: later steps
     # get 0.7/(planned-1) each, and on digits the packed-vs-full gap fell from 6.4 to 2.2 points.
     first_step_share: float = 0.3
-    # packed: what the weights freed by pruning restart from at the next step: "small_random"
-    # (reinit_scale of Kaiming scale) or "pretrained" (their starting pretrained values).
+    # packed: what a weight no step owns holds: "small_random" (zero in the snapshots, restarted
+    # at reinit_scale of Kaiming scale) or "pretrained" (its pretrained value: snapshots keep
+    # each step's largest changes from the pretrained network, and free weights restart there).
     free_restart: FreeRestart = "small_random"
     reinit_scale: float = 0.1  # packed: free weights restart at this fraction of Kaiming scale
     prune_finetune_epochs: int = 5  # packed/sparse: fine-tuning of the kept weights after pruning

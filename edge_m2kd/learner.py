@@ -63,6 +63,8 @@ class Learner:
         self.groups: list[list[int]] = []  # class ids first learned at each step
         self.class_means: torch.Tensor | None = None  # NME, over normalised features
         self._pretrained: PretrainedWeights | None = None  # read when a step needs it
+        if cfg.snapshots.free_restart == "pretrained" and cfg.model.pretrained:
+            self.store.base_weights = self._pretrained_backbone
 
     def pretrained(self) -> PretrainedWeights | None:
         """The backbone's starting weights, checked against the sha256 recorded at init."""
@@ -82,6 +84,11 @@ class Learner:
     def steps_done(self) -> int:
         return len(self.groups)
 
+    def _pretrained_backbone(self) -> dict[str, torch.Tensor]:
+        weights = self.pretrained()
+        assert weights is not None
+        return {f"backbone.{k}": v for k, v in weights.state.items()}
+
     # -- one class-incremental step ----------------------------------------------------
     def step(self, data: ImageSet, classes: list[str] | None = None, progress: Progress | None = None) -> StepReport:
         classes = self._new_classes(data, classes)
@@ -100,8 +107,7 @@ class Learner:
         terms = teacher_terms(t, self.groups, self.cfg.loss)
         snapshots = {k: self.store.teacher(k) for k in sorted({k for k, _ in terms})}
         teachers = build_teachers(snapshots, self.cfg.train.teacher_mode)
-        restart = self.pretrained() if self.cfg.snapshots.free_restart == "pretrained" and t > 1 else None
-        self.store.prepare(self.model, t, restart.state if restart else None)
+        self.store.prepare(self.model, t)
 
         def train(model: IncrementalNet, masks: dict[str, torch.Tensor], epochs: int, lr: float, phase: str) -> dict[str, float]:
             report = (lambda *a: progress(phase, *a)) if progress else None

@@ -115,14 +115,18 @@ class SnapshotStore(ABC):
         # The frozen stages' tensors, the same in every snapshot: taken from the student, stored
         # with it, never per step.
         self.shared: State = {}
+        # free_restart "pretrained": the learner sets this to a reader of the backbone's
+        # pretrained weights, which a policy may take as what "no change" means (packed does).
+        # The file is on disk, pinned by its sha256, so that costs a snapshot no bytes.
+        self.base_weights: Callable[[], State] | None = None
 
     @property
     def steps(self) -> list[int]:
         return sorted(self.n_classes)
 
     # -- hooks into the learner's step (no-ops unless a policy needs them) --------------
-    def prepare(self, model: IncrementalNet, step: int, initial: State | None = None) -> None:
-        """Before training step `step`; `initial`: the backbone's starting (pretrained) weights."""
+    def prepare(self, model: IncrementalNet, step: int) -> None:
+        """Before training step `step`."""
 
     def grad_masks(self, model: IncrementalNet) -> dict[str, torch.Tensor]:
         """Parameter name -> 0/1 mask of the entries training may change this step."""
@@ -301,6 +305,15 @@ class PackedSnapshots(SnapshotStore):
         self.owner: dict[str, torch.Tensor] = {}  # name -> uint8 owner step per weight
         self.weights: State = {}  # the owned weights: the student's, frozen entries
         self.extras: dict[int, State] = {}
+        self._base: State | None = None
+
+    def base(self) -> State:
+        """name -> what a weight no step owns holds (empty: zero). With a pretrained base, every
+        snapshot is the pretrained network plus the changes of steps 1..k, and pruning keeps
+        each step's largest changes from it."""
+        if self._base is None:
+            self._base = self.base_weights() if self.base_weights is not None else {}
+        return self._base
 
     def share(self, step: int) -> float:
         """Fraction of all prunable weights step `step` keeps: the first step a fixed share,
@@ -313,7 +326,7 @@ class PackedSnapshots(SnapshotStore):
         total = sum(o.numel() for o in self.owner.values())
         return sum(int((o == 0).sum()) for o in self.owner.values()) / max(total, 1)
 
-    def prepare(self, model: IncrementalNet, step: int, initial: State | None = None) -> None:
+    def prepare(self, model: IncrementalNet, step: int) -> None:
         params = dict(model.named_parameters())
         if not self.owner:
             self.owner = {n: torch.zeros_like(params[n], dtype=torch.uint8, device="cpu") for n in prunable_names(model)}
@@ -324,17 +337,16 @@ class PackedSnapshots(SnapshotStore):
                 "accuracy on new classes will suffer (plan more steps, or use --snapshots sparse)",
                 stacklevel=2,
             )
-        # Free weights were zeroed when the last step was packed. Restart them small: at full
-        # Kaiming scale they would swamp the frozen weights' signal and the step would begin by
-        # destroying the features every old class relies on; at zero they could not learn.
-        # On a pretrained start they can restart from their pretrained values instead.
-        from_pretrained = self.cfg.free_restart == "pretrained" and initial is not None
+        # Free weights were reset when the last step was packed: to their pretrained values (they
+        # restart from there), or to zero. Restart zeros small: at full Kaiming scale they would
+        # swamp the frozen weights' signal and the step would begin by destroying the features
+        # every old class relies on; at zero they could not learn.
+        base = self.base()
         with torch.no_grad():
             for name, owner in self.owner.items():
                 w = params[name]
-                if from_pretrained:
-                    assert initial is not None
-                    fresh = initial[name.removeprefix("backbone.")].to(w.device, w.dtype)
+                if base:
+                    fresh = base[name].to(w.device, w.dtype)
                 else:
                     fresh = torch.empty_like(w)
                     nn.init.kaiming_normal_(fresh, mode="fan_out", nonlinearity="relu")
@@ -348,15 +360,17 @@ class PackedSnapshots(SnapshotStore):
 
     def consolidate(self, model: IncrementalNet, step: int, finetune: Finetune) -> None:
         params = dict(model.named_parameters())
+        base = self.base()
         kept: dict[str, torch.Tensor] = {}
         for name, owner in self.owner.items():
             w = params[name]
             free = (owner == 0).to(w.device)
             n_free = int(free.sum())
             keep = n_free if step >= self.cfg.planned_steps else min(n_free, round(self.share(step) * w.numel()))
-            kept[name] = top_magnitude_mask(w.detach(), free, keep)
+            start = base[name].to(w.device) if base else torch.zeros((), device=w.device)
+            kept[name] = top_magnitude_mask(w.detach() - start, free, keep)  # the largest changes
             with torch.no_grad():
-                w.masked_fill_(free & ~kept[name], 0.0)
+                w.copy_(torch.where(free & ~kept[name], start, w))
         if self.cfg.prune_finetune_epochs > 0:
             finetune(model, {n: m.float() for n, m in kept.items()}, self.cfg.prune_finetune_epochs)
         for name, mask in kept.items():
@@ -373,15 +387,18 @@ class PackedSnapshots(SnapshotStore):
 
     def _snapshot_state(self, step: int) -> State:
         state = dict(self.extras[step])
+        base = self.base()
         for name, owner in self.owner.items():
             visible = (owner > 0) & (owner <= step)
-            state[name] = torch.where(visible, self.weights[name], torch.zeros(()))
+            state[name] = torch.where(visible, self.weights[name], base[name] if base else torch.zeros(()))
         return state
 
     def owner_bits(self) -> int:
         return max(1, math.ceil(math.log2(len(self.n_classes) + 1)))
 
     def packed_owner_map(self) -> np.ndarray:
+        if not self.owner:  # no step packed yet
+            return np.zeros(0, np.uint8)
         flat = torch.cat([o.flatten() for o in self.owner.values()]).numpy()
         return pack_bits(flat, self.owner_bits())
 

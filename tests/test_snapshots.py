@@ -90,3 +90,27 @@ def test_state_round_trip_keeps_every_snapshot(packed):
         a, b = fresh.teacher(k), packed.store.teacher(k)
         for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
             assert torch.equal(x, y), (k, n)
+
+
+def test_packed_on_a_pretrained_base_keeps_each_steps_largest_changes(blob_data):
+    """With a base (the pretrained weights), a weight no step owns holds its base value, not 0:
+    snapshot k is the base plus the changes of steps 1..k, rebuilt exactly."""
+    cfg = quick_config("m2kd", "packed")
+    learner = Learner(cfg)
+    torch.manual_seed(3)
+    base = {n: torch.randn_like(p) * 0.05 for n, p in learner.model.named_parameters() if n in prunable_names(learner.model)}
+    with torch.no_grad():
+        for n, p in learner.model.named_parameters():
+            if n in base:
+                p.copy_(base[n])  # the run starts from the base, as from pretrained weights
+    learner.store.base_weights = lambda: base
+    for k in range(2):
+        learner.step(blob_data, blob_data.class_names[2 * k : 2 * k + 2])
+    store = learner.store
+    assert all(r.ok for r in store.verify())
+    one = store.teacher(1).state_dict()
+    for n, owner in store.owner.items():
+        unowned_at_1 = (owner == 0) | (owner > 1)
+        assert torch.equal(one[n][unowned_at_1], base[n][unowned_at_1]), n
+        owned = owner == 1
+        assert owned.any() and not torch.equal(one[n][owned], base[n][owned])  # real changes kept
