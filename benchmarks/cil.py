@@ -89,6 +89,7 @@ class Schedule:
     threads: int | None = None  # torch threads; None: torch's choice
     pretrained: str | None = None  # "imagenet" or a weights file (see edge_m2kd/models/pretrained.py)
     frozen_stages: int = 0
+    frozen_bn_stats: bool = False
     backbone_lr_scale: float = 1.0
     test_per_class: int | None = None  # None: every test image
 
@@ -212,7 +213,7 @@ def method_cfg(name: str, sched: Schedule, memory: int, args: argparse.Namespace
     base, policy = resolve_method(name, args.ablation_snapshots)
     sections = {
         "model": {"backbone": sched.backbone, "input_size": sched.input_size, "pretrained": sched.pretrained,
-                  "frozen_stages": sched.frozen_stages},
+                  "frozen_stages": sched.frozen_stages, "frozen_bn_stats": sched.frozen_bn_stats},
         "train": {"epochs": sched.epochs, "batch_size": sched.batch_size, "lr": sched.lr, "crop_pad": sched.crop_pad,
                   "flip": sched.flip, "device": sched.device, "seed": args.seed, "classifier": args.classifier,
                   "backbone_lr_scale": sched.backbone_lr_scale},
@@ -412,6 +413,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "torchvision's MobileNetV2 file is used when torch's hub cache lacks it")
     p.add_argument("--frozen-stages", type=int, default=None, help="override the schedule's frozen stages")
     p.add_argument("--backbone-lr-scale", type=float, default=None, help="override the schedule's")
+    p.add_argument("--frozen-bn-stats", choices=["true", "false"], default=None,
+                   help="keep the backbone's BatchNorm statistics (override the schedule's)")
     p.add_argument("--lr", type=float, default=None, help="override the schedule's learning rate")
     p.add_argument("--validation", type=float, default=0.0, metavar="FRACTION",
                    help="score on this fraction of each class's training images instead of the test set "
@@ -465,6 +468,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "per_class": args.per_class, "threads": args.threads, "backbone": args.backbone,
         "input_size": args.input_size, "pretrained": args.pretrained, "frozen_stages": args.frozen_stages,
         "backbone_lr_scale": args.backbone_lr_scale, "lr": args.lr,
+        "frozen_bn_stats": None if args.frozen_bn_stats is None else args.frozen_bn_stats == "true",
         "test_per_class": args.test_per_class}.items() if v is not None})
     if sched.pretrained == "imagenet":
         offline_imagenet_hub(sched.backbone)
@@ -530,7 +534,8 @@ def resumed_rows(path: Path, result: dict[str, Any]) -> dict[tuple[str, int], di
     same = ("schedule", "class_order")
     mine = {**result["settings"], "methods": None}
     # Runs saved before a setting existed ran with its default.
-    defaults = {"loss_overrides": {}, "pretrained": None, "frozen_stages": 0, "backbone_lr_scale": 1.0,
+    defaults = {"loss_overrides": {}, "pretrained": None, "frozen_stages": 0, "frozen_bn_stats": False,
+                "backbone_lr_scale": 1.0,
                 "validation": 0.0, "test_per_class": None}
     theirs = {**defaults, **earlier.get("settings", {}), "methods": None}
     differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))

@@ -181,6 +181,7 @@ def add_classes(
         "batch_size": cfg.train.batch_size,
         "seconds": report.seconds,
         "images_per_second": report.images_per_second,
+        "train_images_per_second": report.train_images_per_second,
         "losses": report.losses,
         "teachers": report.teachers,
         "holdout": ev,

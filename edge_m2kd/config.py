@@ -32,6 +32,10 @@ class ModelConfig:
     # for good: they save no activations, and every snapshot shares them at no extra bytes.
     # -1 freezes every stage (a frozen feature extractor).
     frozen_stages: int = 0
+    # BatchNorm running statistics of the whole backbone stay at their starting (pretrained)
+    # values: batches of one step's few classes would otherwise pull them away from the
+    # statistics every old class's features were computed with. The affine parameters train.
+    frozen_bn_stats: bool = False
 
 
 @dataclass

@@ -39,7 +39,8 @@ class StepReport:
     classes: list[str]
     train_images: int
     seconds: float
-    images_per_second: float
+    images_per_second: float  # over the whole step
+    train_images_per_second: float  # over the training phase alone (what the bare loop compares to)
     losses: dict[str, float] = field(default_factory=dict)
     teachers: list[int] = field(default_factory=list)
 
@@ -113,7 +114,9 @@ class Learner:
             report = (lambda *a: progress(phase, *a)) if progress else None
             return self._train(model, images, labels, teachers, terms, masks, epochs, lr, report)
 
+        train_start = time.perf_counter()
         losses = train(self.model, self.store.grad_masks(self.model), self.cfg.train.epochs, self.cfg.train.lr, "train")
+        train_seconds = time.perf_counter() - train_start
 
         def finetune_pruned(model: IncrementalNet, masks: dict[str, torch.Tensor], epochs: int) -> None:
             faults.checkpoint("consolidate")
@@ -126,7 +129,8 @@ class Learner:
         self.store.commit(t, self.model, probe=images[:PROBE_SIZE])
         seconds = time.perf_counter() - start
         n_seen = len(images) * self.cfg.train.epochs
-        return StepReport(t, classes, len(images), seconds, n_seen / seconds, losses, sorted(snapshots))
+        return StepReport(t, classes, len(images), seconds, n_seen / seconds, n_seen / max(train_seconds, 1e-9), losses,
+                          sorted(snapshots))
 
     def _new_classes(self, data: ImageSet, classes: list[str] | None) -> list[str]:
         present = [n for i, n in enumerate(data.class_names) if np.any(data.labels == i)]

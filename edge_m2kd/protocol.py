@@ -43,6 +43,7 @@ def run_protocol(
             "accuracy_per_group": ev.accuracy_per_group,
             "train_images": report.train_images,
             "seconds": report.seconds,
+            "train_images_per_second": report.train_images_per_second,
             "losses": report.losses,
         })
         if on_step:

@@ -241,6 +241,7 @@ def test_pretrained_mobilenetv2_workspace_end_to_end(tmp_path, imagenet_hub, cif
     assert r.returncode == 0, r.stderr
     exported = json.loads(r.stdout)
     assert exported["parity"]["passed"]
+    assert exported["preflight"] and all(problems == [] for problems in exported["preflight"].values())
     ops = {n.op_type for n in onnx.load(exported["onnx"]).graph.node}
     assert "Clip" in ops and "Conv" in ops
     image = str(next((cifar_mini / "test" / "frog").iterdir()))
