@@ -78,6 +78,9 @@ def _kib(n: int | None) -> str:
 
 
 WS = click.Path(path_type=Path)
+# init, add-classes and export write the workspace: one at a time (edge_m2kd/locking.py)
+wait_option = click.option("--wait", is_flag=True,
+                           help="if another command is writing the workspace, wait for it instead of stopping")
 
 
 @main.command()
@@ -96,14 +99,15 @@ WS = click.Path(path_type=Path)
               help="packed snapshots: how many steps the free weights must last")
 @click.option("--flip/--no-flip", default=True, show_default=True,
               help="mirror images in training; turn off where a mirror image is another class (text, digits, signs)")
+@wait_option
 @click.option("--json", "as_json", is_flag=True)
 def init(ws: Path, backbone, input_size, policy, exemplars, method, memory_budget, device, epochs, batch_size,
-         planned_steps, flip, as_json) -> None:
+         planned_steps, flip, wait, as_json) -> None:
     """Create a workspace WS."""
     from edge_m2kd.commands import init_workspace
 
     out = init_workspace(ws, backbone, input_size, policy, exemplars, method, memory_budget, device, epochs,
-                         batch_size, planned_steps, flip)
+                         batch_size, planned_steps, flip, wait=wait)
     if as_json:
         emit_json(out)
     else:
@@ -121,8 +125,9 @@ def init(ws: Path, backbone, input_size, policy, exemplars, method, memory_budge
 @click.option("--on-corrupt", default="skip", show_default=True, type=click.Choice(["skip", "error"]),
               help="an unreadable image among good ones: skip it with a warning, or refuse the step")
 @click.option("--sync-bn", is_flag=True, help="under torchrun on GPUs: BatchNorm statistics over the global batch")
+@wait_option
 @click.option("--json", "as_json", is_flag=True)
-def add_classes(ws: Path, data: Path, classes, epochs, batch_size, on_corrupt, sync_bn, as_json) -> None:
+def add_classes(ws: Path, data: Path, classes, epochs, batch_size, on_corrupt, sync_bn, wait, as_json) -> None:
     """Learn the new classes of the image folder DATA (DATA/<class>/*.jpg) and commit the step."""
     from tqdm import tqdm
 
@@ -141,7 +146,7 @@ def add_classes(ws: Path, data: Path, classes, epochs, batch_size, on_corrupt, s
 
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     try:
-        entry = run(ws, data, names, epochs, batch_size, on_corrupt, progress, sync_bn)
+        entry = run(ws, data, names, epochs, batch_size, on_corrupt, progress, sync_bn, wait)
     finally:
         for bar in bars.values():
             bar.close()
@@ -320,12 +325,13 @@ def history(ws: Path, plot: Path | None, as_json: bool) -> None:
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "int8"]))
 @click.option("--max-batch", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--force", is_flag=True, help="write the export even if the parity gate fails")
+@wait_option
 @click.option("--json", "as_json", is_flag=True)
-def export(ws: Path, onnx_path, tensorrt_path, precision, max_batch, force, as_json) -> None:
+def export(ws: Path, onnx_path, tensorrt_path, precision, max_batch, force, wait, as_json) -> None:
     """Export the current classifier: ONNX with a parity gate, and optionally a TensorRT engine."""
     from exporters import export_workspace
 
-    out = export_workspace(ws, onnx_path, tensorrt_path, precision, max_batch, force,
+    out = export_workspace(ws, onnx_path, tensorrt_path, precision, max_batch, force, wait=wait,
                            on_build=lambda: click.echo("building the TensorRT engine (minutes on a Jetson)...", err=True))
     if as_json:
         emit_json(out)

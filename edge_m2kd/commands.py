@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +40,7 @@ def init_workspace(
     batch_size: int = 64,
     planned_steps: int = 10,
     flip: bool = True,
+    wait: bool = False,
 ) -> dict[str, Any]:
     cfg = method_config(
         method,
@@ -50,7 +52,7 @@ def init_workspace(
     if cfg.memory.total:
         cfg.memory.total = exemplars
     budget_bytes = parse_budget(budget) if budget else None
-    ws = Workspace.create(path, cfg, {"memory_budget": budget, "memory_budget_bytes": budget_bytes})
+    ws = Workspace.create(path, cfg, {"memory_budget": budget, "memory_budget_bytes": budget_bytes}, wait)
     return {"workspace": str(ws.path), "config": cfg.to_dict(), "memory_budget_bytes": budget_bytes}
 
 
@@ -112,10 +114,25 @@ def add_classes(
     on_corrupt: Literal["skip", "error"] = "skip",
     progress: Progress | None = None,
     sync_batchnorm: bool = False,
+    wait: bool = False,
 ) -> dict[str, Any]:
     distributed.init_from_env(Workspace.open(path).config.train.device)
-    ws, learner = _open(path)
-    data = Path(data)
+    with _step_workspace(path, wait) as ws:
+        return _add_classes(ws, Path(data), classes, epochs, batch_size, on_corrupt, progress, sync_batchnorm)
+
+
+def _step_workspace(path: str | Path, wait: bool) -> AbstractContextManager[Workspace]:
+    # Under torchrun only rank 0 writes the workspace, so only rank 0 holds the writer lock;
+    # if it is refused it exits, and torchrun stops the other ranks.
+    if distributed.world()[0] == 0:
+        return Workspace.writing(path, "add-classes", wait)
+    return nullcontext(Workspace.open(path))
+
+
+def _add_classes(ws: Workspace, data: Path, classes: list[str] | None, epochs: int | None, batch_size: int | None,
+                 on_corrupt: Literal["skip", "error"], progress: Progress | None,
+                 sync_batchnorm: bool) -> dict[str, Any]:
+    learner = ws.load_learner()
     available = _folder_classes(data)
     if classes is None:
         classes = [c for c in available if c not in learner.class_names]
