@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,19 +65,28 @@ def fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def replace_json(path: Path, obj: Any) -> None:
+    """Write a fsynced temporary file, then rename it over `path`: a reader sees the old file
+    or the new one, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    replace_json(path, obj)
+    fsync_dir(path.parent)  # the rename survives a power cut only once its directory is synced
+
+
+def _reason(e: Exception) -> str:
+    return getattr(e, "strerror", None) or str(e).split(": ")[-1]
 
 
 def _disk_error(e: Exception, what: str) -> UserError:
-    reason = getattr(e, "strerror", None) or str(e).split(": ")[-1]
-    return UserError(f"could not write {what}: {reason}; the workspace is unchanged - free disk space "
+    return UserError(f"could not write {what}: {_reason(e)}; the workspace is unchanged - free disk space "
                      "(or check permissions) and run the step again")
 
 
@@ -268,12 +278,19 @@ class Workspace:
                 snapshots=snap_meta,
                 history=[*self.manifest["history"], history_entry],
             )
-            write_json_atomic(self.path / MANIFEST, manifest)
-            faults.checkpoint("commit:after-switch")
+            replace_json(self.path / MANIFEST, manifest)
         except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
             shutil.rmtree(gen, ignore_errors=True)
             raise _disk_error(e, f"step {self.steps + 1} to {self.path}") from e
+        # The manifest names the new generation now: it is the workspace's state, and from here
+        # on no error may remove it or report the workspace as unchanged.
         self.manifest = manifest
+        try:
+            fsync_dir(self.path)
+        except OSError as e:
+            warnings.warn(f"step {self.steps} is committed, but syncing {self.path} failed ({_reason(e)}): "
+                          "a power cut before the disk syncs could undo the step", stacklevel=2)
+        faults.checkpoint("commit:after-switch")
         self._remove_unused_generations()
 
     def checksum(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
@@ -16,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from edge_m2kd import workspace
 from edge_m2kd.cli import main
 from edge_m2kd.data import load_digits
 from edge_m2kd.workspace import FORMAT_VERSION, Workspace
@@ -284,6 +286,22 @@ def test_reads_during_a_step_neither_fail_nor_break_it(tmp_path, folders):
         reads_during_step += running and writer.poll() is None
     assert writer.returncode == 0, writer.communicate()
     assert reads_during_step >= 50
+    assert Workspace.open(ws).steps == 2 and verified(ws)
+
+
+def test_a_failure_after_the_manifest_switch_keeps_the_committed_step(tmp_path, folders, monkeypatch):
+    ws = make_workspace(tmp_path / "ws", folders, steps=1)
+    real_fsync_dir = workspace.fsync_dir
+
+    def fsync_dir(path: Path) -> None:
+        if Path(path) == ws:  # the workspace root: only synced to make the manifest's rename durable
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync_dir(path)
+
+    monkeypatch.setattr(workspace, "fsync_dir", fsync_dir)
+    code, _, err = cli("add-classes", ws, folders["train"], "--classes", "2,3")
+    monkeypatch.undo()
+    assert code == 0 and "step 2 is committed" in err and "unchanged" not in err, err
     assert Workspace.open(ws).steps == 2 and verified(ws)
 
 
