@@ -139,6 +139,7 @@ def _add_classes(ws: Workspace, data: Path, classes: list[str] | None, epochs: i
         if not classes:
             raise UserError(f"every class in {str(data)!r} is already known ({', '.join(available)}); add folders of new classes")
     learner.refuse_known_or_repeated(classes)  # before reading a single image
+    learner.memory.refuse_too_small(len(learner.class_names) + len(classes))
     cfg = learner.cfg
     if epochs is not None:
         cfg.train.epochs = epochs

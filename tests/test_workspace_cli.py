@@ -20,6 +20,7 @@ from PIL import Image
 from edge_m2kd import workspace
 from edge_m2kd.cli import main
 from edge_m2kd.data import load_digits
+from edge_m2kd.learner import Learner
 from edge_m2kd.workspace import FORMAT_VERSION, Workspace
 
 CLASSES_PER_STEP = [["0", "1"], ["2", "3"]]
@@ -313,3 +314,15 @@ def test_kill_9_of_a_writer_releases_the_lock(tmp_path, folders):
     assert json.loads((ws / "writer.lock").read_text())["pid"] == writer.pid  # it held the lock when killed
     code, _, err = cli("add-classes", ws, folders["train"], "--classes", "2,3")  # no --wait: free at once
     assert code == 0, err
+
+
+def test_too_small_exemplar_memory_is_refused_before_training(tmp_path, folders, monkeypatch):
+    ws = tmp_path / "ws"
+    assert cli("init", ws, *INIT, "--exemplars", "3")[0] == 0
+    assert cli("add-classes", ws, folders["train"], "--classes", "0,1")[0] == 0
+    before = checksum(ws)
+    monkeypatch.setattr(Learner, "step", lambda *a, **k: pytest.fail("trained before refusing"))
+    code, _, err = cli("add-classes", ws, folders["train"], "--classes", "2,3")
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "exemplar memory of 3" in lines[0] and "4 classes" in lines[0], err
+    assert checksum(ws) == before
