@@ -291,8 +291,12 @@ def snapshots(ws: Path, verify: bool, as_json: bool) -> None:
                        f"({100 * r['bytes'] / r['full_copy_bytes']:.1f}% of a full copy)  {state}")
         if out["free_fraction"] is not None:
             click.echo(f"free weights left for later steps: {100 * out['free_fraction']:.1f}%")
-    if verify and not out["all_verified"]:
-        sys.exit(1)
+    failed = [r for r in out["snapshots"] if verify and not r["verified"]]
+    if failed:
+        worst = max(r["max_abs_diff"] for r in failed)
+        raise UserError(f"the snapshot of step {', '.join(str(r['step']) for r in failed)} does not reproduce the "
+                        f"logits recorded when it was committed (max abs difference {worst:.2e}): the stored "
+                        "snapshot is damaged; restore the workspace from a backup")
 
 
 @main.command()

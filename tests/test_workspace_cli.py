@@ -17,6 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from edge_m2kd import workspace
 from edge_m2kd.cli import main
@@ -337,3 +338,21 @@ def test_repeated_first_steps_are_byte_identical(tmp_path, folders):
     gen = Path("generations") / "gen-000001"
     for name in workspace.FILES:
         assert (first / gen / name).read_bytes() == (second / gen / name).read_bytes(), name
+
+
+def test_a_failed_verify_is_one_line_exit_2_naming_the_step(ws, tmp_path):
+    damaged = tmp_path / "ws"
+    shutil.copytree(ws, damaged)
+    opened = Workspace.open(damaged)
+    snapshots = opened.generation_dir / "snapshots.safetensors"
+    tensors = load_file(snapshots)
+    tensors["probe_logits.1"] += 0.5
+    save_file(tensors, snapshots)
+    # the checksum matches again, so only the rebuild can tell
+    manifest = json.loads((damaged / "workspace.json").read_text())
+    manifest["files"]["snapshots.safetensors"] = workspace.sha256(snapshots)
+    (damaged / "workspace.json").write_text(json.dumps(manifest))
+    code, out, err = cli("snapshots", damaged, "--verify")
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "step 1 " in lines[0], err
+    assert "step 2  " in out and "verified" in out  # the table is printed first, step 2 passes
