@@ -12,7 +12,12 @@ from typing import Any
 
 import click
 
+from edge_m2kd.config import METHODS, SNAPSHOT_POLICIES
 from edge_m2kd.errors import UserError
+
+# Choices come from the library's own tables (config.py imports no torch: --help stays fast).
+METHOD = click.Choice(list(METHODS))
+POLICY = click.Choice(SNAPSHOT_POLICIES)
 
 
 class Group(click.Group):
@@ -38,10 +43,8 @@ def emit_json(obj: Any) -> None:
 
 
 @main.command()
-@click.option("--method", default="m2kd", show_default=True,
-              type=click.Choice(["m2kd", "m2kd-multi-model", "m2kd-multi-level", "icarl", "lwf", "finetune", "joint"]))
-@click.option("--snapshots", "policy", default=None, type=click.Choice(["full", "packed", "sparse"]),
-              help="snapshot policy (default: the method's own)")
+@click.option("--method", default="m2kd", show_default=True, type=METHOD)
+@click.option("--snapshots", "policy", default=None, type=POLICY, help="snapshot policy (default: the method's own)")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),
               show_default=True, help="where the run's results are written")
 @click.option("--epochs", type=int, default=None, help="epochs per step (default: the demo's schedule)")
@@ -87,9 +90,9 @@ wait_option = click.option("--wait", is_flag=True,
 @click.argument("ws", type=WS)
 @click.option("--backbone", default="resnet32", show_default=True, type=click.Choice(["resnet32", "resnet20", "resnet18"]))
 @click.option("--input-size", default=32, show_default=True, type=click.IntRange(8, 1024))
-@click.option("--snapshots", "policy", default="packed", show_default=True, type=click.Choice(["packed", "sparse", "full"]))
+@click.option("--snapshots", "policy", default="packed", show_default=True, type=POLICY)
 @click.option("--exemplars", default=2000, show_default=True, type=click.IntRange(0), help="exemplar images kept in all")
-@click.option("--method", default="m2kd", show_default=True, type=click.Choice(["m2kd", "icarl", "lwf", "finetune"]))
+@click.option("--method", default="m2kd", show_default=True, type=METHOD)
 @click.option("--memory-budget", default=None, help="a size (2GiB, 512MB) or a board: orin-nano-4gb, orin-nano-8gb, "
               "orin-nx-16gb, agx-orin-32gb, agx-orin-64gb")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))

@@ -21,8 +21,10 @@ from safetensors.torch import load_file, save_file
 
 from edge_m2kd import workspace
 from edge_m2kd.cli import main
+from edge_m2kd.config import METHODS, SNAPSHOT_POLICIES
 from edge_m2kd.data import load_digits
 from edge_m2kd.learner import Learner
+from edge_m2kd.snapshots import POLICIES
 from edge_m2kd.workspace import FORMAT_VERSION, Workspace
 
 CLASSES_PER_STEP = [["0", "1"], ["2", "3"]]
@@ -356,3 +358,11 @@ def test_a_failed_verify_is_one_line_exit_2_naming_the_step(ws, tmp_path):
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(lines) == 1 and "step 1 " in lines[0], err
     assert "step 2  " in out and "verified" in out  # the table is printed first, step 2 passes
+
+
+def test_the_cli_offers_every_method_and_policy_the_library_has(tmp_path):
+    assert set(SNAPSHOT_POLICIES) == set(POLICIES)
+    for method in METHODS:
+        code, _, err = cli("init", tmp_path / method, *INIT, "--method", method)
+        assert code == 0, err
+        assert Workspace.open(tmp_path / method).config.method == method
