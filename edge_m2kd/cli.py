@@ -15,6 +15,15 @@ import click
 from edge_m2kd.config import METHODS, SNAPSHOT_POLICIES
 from edge_m2kd.errors import UserError
 
+# Set before torch loads (every command imports it lazily, below), since OpenMP reads it once.
+# By default torch's threads spin at every barrier waiting for the slowest one; where another
+# process is busy (the camera service, an inference loop: always, on a board) the slowest one
+# is descheduled and the step crawls. benchmarks/threads.py, 2 cores, a ResNet-32 step beside a
+# busy inference loop: 126.7 s with the default, 20.3 s passive, 23.8 s on one thread. Passive,
+# not one thread, so a step (or `predict`) that has a board's cores to itself still uses them.
+# A user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # Choices come from the library's own tables (config.py imports no torch: --help stays fast).
 METHOD = click.Choice(list(METHODS))
 POLICY = click.Choice(SNAPSHOT_POLICIES)

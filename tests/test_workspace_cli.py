@@ -366,3 +366,13 @@ def test_the_cli_offers_every_method_and_policy_the_library_has(tmp_path):
         code, _, err = cli("init", tmp_path / method, *INIT, "--method", method)
         assert code == 0, err
         assert Workspace.open(tmp_path / method).config.method == method
+
+
+def test_the_cli_sets_a_passive_openmp_wait_policy_before_torch_loads():
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = "import os, sys, edge_m2kd.cli; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["PASSIVE", "False"]
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["ACTIVE", "False"]  # a user's own setting wins
