@@ -24,6 +24,7 @@ from edge_m2kd.cli import main
 from edge_m2kd.config import METHODS, SNAPSHOT_POLICIES
 from edge_m2kd.data import load_digits
 from edge_m2kd.learner import Learner
+from edge_m2kd.locking import reading
 from edge_m2kd.snapshots import POLICIES
 from edge_m2kd.workspace import FORMAT_VERSION, Workspace
 
@@ -292,6 +293,19 @@ def test_reads_during_a_step_neither_fail_nor_break_it(tmp_path, folders):
     assert writer.returncode == 0, writer.communicate()
     assert reads_during_step >= 50
     assert Workspace.open(ws).steps == 2 and verified(ws)
+
+
+def test_a_busy_reader_keeps_the_old_generation_and_a_stale_reader_follows_the_commit(tmp_path, folders):
+    ws = make_workspace(tmp_path / "ws", folders, steps=1)
+    generations = ws / "generations"
+    stale = Workspace.open(ws)  # opened before the step, reads its files after it
+    with reading(ws):  # another reader is loading files when the step commits
+        assert cli("add-classes", ws, folders["train"], "--classes", "2,3")[0] == 0
+    assert sorted(p.name for p in generations.iterdir()) == ["gen-000001", "gen-000002"]
+    with Workspace.writing(ws, "test"):  # the next writer deletes what no reader needs now
+        pass
+    assert [p.name for p in generations.iterdir()] == ["gen-000002"]
+    assert stale.load_learner().steps_done == 2 and stale.steps == 2
 
 
 def test_a_failure_after_the_manifest_switch_keeps_the_committed_step(tmp_path, folders, monkeypatch):
