@@ -12,8 +12,22 @@ from typing import Any
 
 import click
 
+from edge_m2kd.config import METHODS, SNAPSHOT_POLICIES
 from edge_m2kd.errors import UserError
 from edge_m2kd.models.backbones import BACKBONES
+
+# Set before torch loads (every command imports it lazily, below), since OpenMP reads it once.
+# By default torch's threads spin at every barrier waiting for the slowest one; where another
+# process is busy (the camera service, an inference loop: always, on a board) the slowest one
+# is descheduled and the step crawls. benchmarks/threads.py, 2 cores, a ResNet-32 step beside a
+# busy inference loop: 126.7 s with the default, 20.3 s passive, 23.8 s on one thread. Passive,
+# not one thread, so a step (or `predict`) that has a board's cores to itself still uses them.
+# A user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# Choices come from the library's own tables (config.py imports no torch: --help stays fast).
+METHOD = click.Choice(list(METHODS))
+POLICY = click.Choice(SNAPSHOT_POLICIES)
 
 
 class Group(click.Group):
@@ -39,10 +53,8 @@ def emit_json(obj: Any) -> None:
 
 
 @main.command()
-@click.option("--method", default="m2kd", show_default=True,
-              type=click.Choice(["m2kd", "m2kd-multi-model", "m2kd-multi-level", "icarl", "lwf", "finetune", "joint"]))
-@click.option("--snapshots", "policy", default=None, type=click.Choice(["full", "packed", "sparse"]),
-              help="snapshot policy (default: the method's own)")
+@click.option("--method", default="m2kd", show_default=True, type=METHOD)
+@click.option("--snapshots", "policy", default=None, type=POLICY, help="snapshot policy (default: the method's own)")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),
               show_default=True, help="where the run's results are written")
 @click.option("--epochs", type=int, default=None, help="epochs per step (default: the demo's schedule)")
@@ -79,6 +91,9 @@ def _kib(n: int | None) -> str:
 
 
 WS = click.Path(path_type=Path)
+# init, add-classes and export write the workspace: one at a time (edge_m2kd/locking.py)
+wait_option = click.option("--wait", is_flag=True,
+                           help="if another command is writing the workspace, wait for it instead of stopping")
 
 
 @main.command()
@@ -94,9 +109,9 @@ WS = click.Path(path_type=Path)
 @click.option("--lr", default=None, type=click.FloatRange(0, min_open=True),
               help="learning rate of the heads (default 0.01 when pretrained, else 0.1)")
 @click.option("--input-size", default=32, show_default=True, type=click.IntRange(8, 1024))
-@click.option("--snapshots", "policy", default="packed", show_default=True, type=click.Choice(["packed", "sparse", "full"]))
+@click.option("--snapshots", "policy", default="packed", show_default=True, type=POLICY)
 @click.option("--exemplars", default=2000, show_default=True, type=click.IntRange(0), help="exemplar images kept in all")
-@click.option("--method", default="m2kd", show_default=True, type=click.Choice(["m2kd", "icarl", "lwf", "finetune"]))
+@click.option("--method", default="m2kd", show_default=True, type=METHOD)
 @click.option("--memory-budget", default=None, help="a size (2GiB, 512MB) or a board: orin-nano-4gb, orin-nano-8gb, "
               "orin-nx-16gb, agx-orin-32gb, agx-orin-64gb")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
@@ -106,14 +121,15 @@ WS = click.Path(path_type=Path)
               help="packed snapshots: how many steps the free weights must last")
 @click.option("--flip/--no-flip", default=True, show_default=True,
               help="mirror images in training; turn off where a mirror image is another class (text, digits, signs)")
+@wait_option
 @click.option("--json", "as_json", is_flag=True)
 def init(ws: Path, backbone, pretrained, frozen_stages, backbone_lr_scale, lr, input_size, policy, exemplars, method,
-         memory_budget, device, epochs, batch_size, planned_steps, flip, as_json) -> None:
+         memory_budget, device, epochs, batch_size, planned_steps, flip, wait, as_json) -> None:
     """Create a workspace WS."""
     from edge_m2kd.commands import init_workspace
 
     out = init_workspace(ws, backbone, input_size, policy, exemplars, method, memory_budget, device, epochs,
-                         batch_size, planned_steps, flip, pretrained, frozen_stages, backbone_lr_scale, lr)
+                         batch_size, planned_steps, flip, pretrained, frozen_stages, backbone_lr_scale, lr, wait=wait)
     if as_json:
         emit_json(out)
     else:
@@ -132,8 +148,9 @@ def init(ws: Path, backbone, pretrained, frozen_stages, backbone_lr_scale, lr, i
 @click.option("--on-corrupt", default="skip", show_default=True, type=click.Choice(["skip", "error"]),
               help="an unreadable image among good ones: skip it with a warning, or refuse the step")
 @click.option("--sync-bn", is_flag=True, help="under torchrun on GPUs: BatchNorm statistics over the global batch")
+@wait_option
 @click.option("--json", "as_json", is_flag=True)
-def add_classes(ws: Path, data: Path, classes, epochs, batch_size, on_corrupt, sync_bn, as_json) -> None:
+def add_classes(ws: Path, data: Path, classes, epochs, batch_size, on_corrupt, sync_bn, wait, as_json) -> None:
     """Learn the new classes of the image folder DATA (DATA/<class>/*.jpg) and commit the step."""
     from tqdm import tqdm
 
@@ -152,7 +169,7 @@ def add_classes(ws: Path, data: Path, classes, epochs, batch_size, on_corrupt, s
 
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     try:
-        entry = run(ws, data, names, epochs, batch_size, on_corrupt, progress, sync_bn)
+        entry = run(ws, data, names, epochs, batch_size, on_corrupt, progress, sync_bn, wait)
     finally:
         for bar in bars.values():
             bar.close()
@@ -297,8 +314,12 @@ def snapshots(ws: Path, verify: bool, as_json: bool) -> None:
                        f"({100 * r['bytes'] / r['full_copy_bytes']:.1f}% of a full copy)  {state}")
         if out["free_fraction"] is not None:
             click.echo(f"free weights left for later steps: {100 * out['free_fraction']:.1f}%")
-    if verify and not out["all_verified"]:
-        sys.exit(1)
+    failed = [r for r in out["snapshots"] if verify and not r["verified"]]
+    if failed:
+        worst = max(r["max_abs_diff"] for r in failed)
+        raise UserError(f"the snapshot of step {', '.join(str(r['step']) for r in failed)} does not reproduce the "
+                        f"logits recorded when it was committed (max abs difference {worst:.2e}): the stored "
+                        "snapshot is damaged; restore the workspace from a backup")
 
 
 @main.command()
@@ -331,12 +352,13 @@ def history(ws: Path, plot: Path | None, as_json: bool) -> None:
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "int8"]))
 @click.option("--max-batch", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--force", is_flag=True, help="write the export even if the parity gate fails")
+@wait_option
 @click.option("--json", "as_json", is_flag=True)
-def export(ws: Path, onnx_path, tensorrt_path, precision, max_batch, force, as_json) -> None:
+def export(ws: Path, onnx_path, tensorrt_path, precision, max_batch, force, wait, as_json) -> None:
     """Export the current classifier: ONNX with a parity gate, and optionally a TensorRT engine."""
     from exporters import export_workspace
 
-    out = export_workspace(ws, onnx_path, tensorrt_path, precision, max_batch, force,
+    out = export_workspace(ws, onnx_path, tensorrt_path, precision, max_batch, force, wait=wait,
                            on_build=lambda: click.echo("building the TensorRT engine (minutes on a Jetson)...", err=True))
     if as_json:
         emit_json(out)

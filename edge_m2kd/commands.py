@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,6 +46,7 @@ def init_workspace(
     frozen_stages: int | None = None,
     backbone_lr_scale: float | None = None,
     lr: float | None = None,
+    wait: bool = False,
 ) -> dict[str, Any]:
     """A new workspace. On a pretrained start the defaults are those of PRETRAINED_DEFAULTS
     (fewer epochs, a smaller learning rate for the backbone, the early stages frozen)."""
@@ -69,9 +71,8 @@ def init_workspace(
     if pretrained:
         extra["pretrained"] = record_pretrained(cfg)
     budget_bytes = parse_budget(budget) if budget else None
-    ws = Workspace.create(path, cfg, {"memory_budget": budget, "memory_budget_bytes": budget_bytes, **extra})
+    ws = Workspace.create(path, cfg, {"memory_budget": budget, "memory_budget_bytes": budget_bytes, **extra}, wait)
     return {"workspace": str(ws.path), "config": cfg.to_dict(), "memory_budget_bytes": budget_bytes, **extra}
-
 
 
 def record_pretrained(cfg: LearnerConfig) -> dict[str, str]:
@@ -145,16 +146,32 @@ def add_classes(
     on_corrupt: Literal["skip", "error"] = "skip",
     progress: Progress | None = None,
     sync_batchnorm: bool = False,
+    wait: bool = False,
 ) -> dict[str, Any]:
     distributed.init_from_env(Workspace.open(path).config.train.device)
-    ws, learner = _open(path)
-    data = Path(data)
+    with _step_workspace(path, wait) as ws:
+        return _add_classes(ws, Path(data), classes, epochs, batch_size, on_corrupt, progress, sync_batchnorm)
+
+
+def _step_workspace(path: str | Path, wait: bool) -> AbstractContextManager[Workspace]:
+    # Under torchrun only rank 0 writes the workspace, so only rank 0 holds the writer lock;
+    # if it is refused it exits, and torchrun stops the other ranks.
+    if distributed.world()[0] == 0:
+        return Workspace.writing(path, "add-classes", wait)
+    return nullcontext(Workspace.open(path))
+
+
+def _add_classes(ws: Workspace, data: Path, classes: list[str] | None, epochs: int | None, batch_size: int | None,
+                 on_corrupt: Literal["skip", "error"], progress: Progress | None,
+                 sync_batchnorm: bool) -> dict[str, Any]:
+    learner = ws.load_learner()
     available = _folder_classes(data)
     if classes is None:
         classes = [c for c in available if c not in learner.class_names]
         if not classes:
             raise UserError(f"every class in {str(data)!r} is already known ({', '.join(available)}); add folders of new classes")
     learner.refuse_known_or_repeated(classes)  # before reading a single image
+    learner.memory.refuse_too_small(len(learner.class_names) + len(classes))
     cfg = learner.cfg
     if epochs is not None:
         cfg.train.epochs = epochs

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 SnapshotPolicy = Literal["full", "packed", "sparse"]
+# The names snapshots.POLICIES implements, importable without torch (the CLI's choices).
+SNAPSHOT_POLICIES: tuple[str, ...] = get_args(SnapshotPolicy)
 BiasCorrection = Literal["weight_aligning", "balanced_finetune", "none"]
 Classifier = Literal["cnn", "nme"]
 FreeRestart = Literal["small_random", "pretrained"]

@@ -56,18 +56,19 @@ def run_demo(cfg: LearnerConfig, workdir: Path, on_row: Callable[[dict[str, Any]
     ws_path = workdir / "workspace"
     if ws_path.exists():
         shutil.rmtree(ws_path)
-    ws = Workspace.create(ws_path, cfg)
+    Workspace.create(ws_path, cfg)
+    with Workspace.writing(ws_path, "demo") as ws:
 
-    def commit(learner, report, ev) -> None:  # noqa: ANN001 - protocol callback
-        on_step(learner, report, ev)
-        holdout = {c: test.images[test.labels == test.class_names.index(n)][:HOLDOUT_PER_CLASS]
-                   for c, n in enumerate(learner.class_names)}
-        ws.commit(learner, {"step": report.step, "classes": report.classes, "train_images": report.train_images,
-                            "seconds": report.seconds, "images_per_second": report.images_per_second,
-                            "losses": report.losses, "teachers": report.teachers, "holdout": ev.to_dict(),
-                            "memory": None}, holdout)
+        def commit(learner, report, ev) -> None:  # noqa: ANN001 - protocol callback
+            on_step(learner, report, ev)
+            holdout = {c: test.images[test.labels == test.class_names.index(n)][:HOLDOUT_PER_CLASS]
+                       for c, n in enumerate(learner.class_names)}
+            ws.commit(learner, {"step": report.step, "classes": report.classes, "train_images": report.train_images,
+                                "seconds": report.seconds, "images_per_second": report.images_per_second,
+                                "losses": report.losses, "teachers": report.teachers, "holdout": ev.to_dict(),
+                                "memory": None}, holdout)
 
-    result = run_protocol(train, test, steps, cfg, on_step=commit)
+        result = run_protocol(train, test, steps, cfg, on_step=commit)
     result["workspace"] = str(ws_path)
     (workdir / "results.json").write_text(json.dumps(result, indent=2, default=float))
     return result

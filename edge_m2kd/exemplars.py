@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from edge_m2kd.config import MemoryConfig
+from edge_m2kd.errors import UserError
 
 Embed = Callable[[np.ndarray], torch.Tensor]  # uint8 NHWC images -> features (N, D)
 
@@ -48,6 +49,13 @@ class ExemplarMemory:
     def per_class(self, n_classes: int) -> int:
         return self.cfg.total // max(n_classes, 1)
 
+    def refuse_too_small(self, n_classes: int) -> None:
+        """A memory with less than one image per class cannot rehearse every class. Callers ask
+        before training, so the refusal does not come after the whole run."""
+        if self.enabled and not self.cfg.keep_all and self.per_class(n_classes) == 0:
+            raise UserError(f"an exemplar memory of {self.cfg.total} images cannot keep one image for each of "
+                            f"{n_classes} classes; create the workspace with --exemplars {n_classes} or more")
+
     def update(self, embed: Embed, new: dict[int, np.ndarray]) -> None:
         """Shrink old classes, then pick exemplars of the new classes by herding."""
         if not self.enabled:
@@ -55,12 +63,8 @@ class ExemplarMemory:
         if self.cfg.keep_all:
             self.images.update(new)
             return
+        self.refuse_too_small(len(self.images) + len(new))
         m = self.per_class(len(self.images) + len(new))
-        if m == 0:
-            raise ValueError(
-                f"an exemplar memory of {self.cfg.total} cannot keep one image for each of "
-                f"{len(self.images) + len(new)} classes; raise the memory size"
-            )
         self.images = {c: imgs[:m] for c, imgs in self.images.items()}
         for c, imgs in new.items():
             feats = F.normalize(embed(imgs), dim=1)

@@ -57,6 +57,9 @@ class Learner:
     def __init__(self, cfg: LearnerConfig) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.train.device)
+        # The first step trains these initial weights: draw them from the configured seed, so
+        # the same step on the same data gives the same workspace, byte for byte.
+        torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model, 0).to(self.device)
         self.store = make_store(cfg.snapshots, cfg.model)
         self.memory = ExemplarMemory(cfg.memory)

@@ -3,13 +3,15 @@
 Layout:
     WS/workspace.json            the manifest, and the one pointer a commit switches
     WS/generations/gen-NNNNNN/   model, snapshots and exemplars of one committed step
+    WS/writer.lock, readers.lock one writer at a time, readers never lose files (locking.py)
 
 A commit writes a new generation directory, fsyncs every file and the directory, then
 replaces workspace.json atomically (write a temporary file, fsync, rename, fsync the
 directory). A crash or power cut at any moment leaves either the old or the new manifest,
-each pointing at a complete generation; whatever a crash left half-written is removed at
-the next open. Tensors are safetensors and metadata JSON, so opening a workspace cannot
-run code.
+each pointing at a complete generation. Only a writer (`Workspace.writing`, holding the
+writer lock) deletes anything: older generations and whatever a crash left half-written, and
+only while no reader is loading files. Tensors are safetensors and metadata JSON, so opening
+a workspace cannot run code.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +36,7 @@ from edge_m2kd.config import LearnerConfig
 from edge_m2kd.errors import UserError
 from edge_m2kd.hashing import sha256
 from edge_m2kd.learner import Learner
+from edge_m2kd.locking import LOCK_FILES, no_readers, reading, writer_lock
 
 FORMAT_VERSION = 1
 MANIFEST = "workspace.json"
@@ -51,20 +57,51 @@ def fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def replace_json(path: Path, obj: Any) -> None:
+    """Write a fsynced temporary file, then rename it over `path`: a reader sees the old file
+    or the new one, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    replace_json(path, obj)
+    fsync_dir(path.parent)  # the rename survives a power cut only once its directory is synced
+
+
+def _reason(e: Exception) -> str:
+    return getattr(e, "strerror", None) or str(e).split(": ")[-1]
 
 
 def _disk_error(e: Exception, what: str) -> UserError:
-    reason = getattr(e, "strerror", None) or str(e).split(": ")[-1]
-    return UserError(f"could not write {what}: {reason}; the workspace is unchanged - free disk space "
+    return UserError(f"could not write {what}: {_reason(e)}; the workspace is unchanged - free disk space "
                      "(or check permissions) and run the step again")
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise UserError(f"{path} is not a workspace (no {MANIFEST}); create one with `edge-m2kd init {path}`")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{manifest_path} is not valid JSON ({e}); restore it from a backup") from e
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise UserError(f"{path} was written by a newer edge-m2kd (format {version}, this one reads up to "
+                        f"{FORMAT_VERSION}); upgrade edge-m2kd to open it")
+    return manifest
+
+
+def _refuse_unless_new(path: Path) -> None:
+    if (path / MANIFEST).exists():
+        raise UserError(f"{path} already holds a workspace; choose another directory or remove it")
+    if path.exists() and any(p.name not in LOCK_FILES for p in path.iterdir()):
+        raise UserError(f"{path} exists and is not empty; choose an empty or new directory")
 
 
 def _class_arrays(per_class: dict[int, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -72,18 +109,17 @@ def _class_arrays(per_class: dict[int, np.ndarray]) -> dict[str, torch.Tensor]:
 
 
 class Workspace:
-    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, path: Path, manifest: dict[str, Any], writer: bool = False) -> None:
         self.path = path
         self.manifest = manifest
+        self.writer = writer  # holds the writer lock: may commit and delete
 
     # -- create and open -----------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | Path, cfg: LearnerConfig, extra: dict[str, Any] | None = None) -> Workspace:
+    def create(cls, path: str | Path, cfg: LearnerConfig, extra: dict[str, Any] | None = None,
+               wait: bool = False) -> Workspace:
         path = Path(path)
-        if (path / MANIFEST).exists():
-            raise UserError(f"{path} already holds a workspace; choose another directory or remove it")
-        if path.exists() and any(path.iterdir()):
-            raise UserError(f"{path} exists and is not empty; choose an empty or new directory")
+        _refuse_unless_new(path)  # before the lock, so a refused directory gets no lock file
         manifest = {
             "format_version": FORMAT_VERSION,
             "config": cfg.to_dict(),
@@ -94,40 +130,56 @@ class Workspace:
             **(extra or {}),
         }
         try:
-            (path / GENERATIONS).mkdir(parents=True, exist_ok=True)
-            write_json_atomic(path / MANIFEST, manifest)
+            path.mkdir(parents=True, exist_ok=True)
+            with writer_lock(path, "init", wait):
+                _refuse_unless_new(path)  # again: a writer we waited for may have made one here
+                (path / GENERATIONS).mkdir(exist_ok=True)
+                write_json_atomic(path / MANIFEST, manifest)
         except OSError as e:
             raise _disk_error(e, f"a workspace at {path}") from e
         return cls(path, manifest)
 
     @classmethod
     def open(cls, path: str | Path) -> Workspace:
+        """Open for reading: takes no writer lock and deletes nothing."""
         path = Path(path)
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            raise UserError(f"{path} is not a workspace (no {MANIFEST}); create one with `edge-m2kd init {path}`")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{manifest_path} is not valid JSON ({e}); restore it from a backup") from e
-        version = manifest.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise UserError(f"{path} was written by a newer edge-m2kd (format {version}, this one reads up to "
-                            f"{FORMAT_VERSION}); upgrade edge-m2kd to open it")
-        ws = cls(path, manifest)
-        ws._remove_leftovers()
-        return ws
+        return cls(path, _read_manifest(path))
 
-    def _remove_leftovers(self) -> None:
-        """A crash mid-commit leaves a generation no manifest points at, or a temp file."""
+    @classmethod
+    @contextmanager
+    def writing(cls, path: str | Path, command: str, wait: bool = False) -> Iterator[Workspace]:
+        """Open as the one writer: the writer lock is held until the block ends. The state is
+        read once the lock is held, so a writer that waited starts from what the last one
+        committed, not from what it saw before."""
+        path = Path(path)
+        _read_manifest(path)  # refuse a directory that is no workspace before putting a lock file in it
+        with writer_lock(path, command, wait):
+            ws = cls(path, _read_manifest(path), writer=True)
+            ws._remove_unused_generations()
+            yield ws
+
+    def _remove_unused_generations(self) -> None:
+        """Delete what the manifest no longer names: older generations, and what an interrupted
+        commit left (a half-written generation, a temporary manifest). Only while no reader is
+        loading files (locking.py); with one busy, they stay for the next writer to delete."""
+        assert self.writer, "only the writer deletes"
         current = self.manifest.get("generation")
         gens = self.path / GENERATIONS
-        for child in gens.iterdir() if gens.is_dir() else []:
-            if child.name != current:
-                shutil.rmtree(child, ignore_errors=True)
-        tmp = self.path / (MANIFEST + ".tmp")
-        if tmp.exists():
-            tmp.unlink()
+        with no_readers(self.path) as free:
+            if not free:
+                return
+            for child in gens.iterdir() if gens.is_dir() else []:
+                if child.name != current:
+                    shutil.rmtree(child, ignore_errors=True)
+            (self.path / (MANIFEST + ".tmp")).unlink(missing_ok=True)
+
+    def _follow_newer_commit(self) -> None:
+        """Called under the readers lock. Since `open`, a writer may have committed a newer
+        step and deleted the generation this object's manifest names: read the manifest again.
+        The generation it names now stays while the readers lock is held."""
+        gen = self.generation_dir
+        if gen is not None and not gen.is_dir():
+            self.manifest = _read_manifest(self.path)
 
     # -- properties ------------------------------------------------------------------------
     @property
@@ -145,19 +197,21 @@ class Workspace:
 
     # -- learner state -----------------------------------------------------------------------
     def load_learner(self) -> Learner:
-        cfg = self.config
-        learner = Learner(cfg)
-        gen = self.generation_dir
-        if gen is None:
-            return learner
-        for name, digest in self.manifest["files"].items():
-            if not (gen / name).is_file() or sha256(gen / name) != digest:
-                raise UserError(f"{gen / name} is missing or damaged (checksum mismatch); restore the workspace from a backup")
-        try:
-            return self._load_state(learner, gen)
-        except (KeyError, ValueError, RuntimeError) as e:  # e.g. tensors of another layout
-            raise UserError(f"{gen} cannot be read by this edge-m2kd ({type(e).__name__}: {str(e)[:80]}); "
-                            "restore the workspace from a backup") from e
+        with reading(self.path):
+            self._follow_newer_commit()
+            learner = Learner(self.config)
+            gen = self.generation_dir
+            if gen is None:
+                return learner
+            for name, digest in self.manifest["files"].items():
+                if not (gen / name).is_file() or sha256(gen / name) != digest:
+                    raise UserError(f"{gen / name} is missing or damaged (checksum mismatch); "
+                                    "restore the workspace from a backup")
+            try:
+                return self._load_state(learner, gen)
+            except (KeyError, ValueError, RuntimeError) as e:  # e.g. tensors of another layout
+                raise UserError(f"{gen} cannot be read by this edge-m2kd ({type(e).__name__}: {str(e)[:80]}); "
+                                "restore the workspace from a backup") from e
 
     def _load_state(self, learner: Learner, gen: Path) -> Learner:
         model_t = load_file(gen / "model.safetensors")
@@ -177,13 +231,17 @@ class Workspace:
 
     def load_holdout(self) -> dict[int, np.ndarray]:
         """Held-out images per class id, kept to fill the accuracy matrix after each step."""
-        gen = self.generation_dir
-        if gen is None:
-            return {}
-        return {int(k.split(".")[1]): v.numpy() for k, v in load_file(gen / "holdout.safetensors").items()}
+        with reading(self.path):
+            self._follow_newer_commit()
+            gen = self.generation_dir
+            if gen is None:
+                return {}
+            return {int(k.split(".")[1]): v.numpy() for k, v in load_file(gen / "holdout.safetensors").items()}
 
     def commit(self, learner: Learner, history_entry: dict[str, Any], holdout: dict[int, np.ndarray]) -> None:
         """Write the learner as a new generation, then switch the manifest to it."""
+        if not self.writer:
+            raise RuntimeError("commit needs the writer lock: open the workspace with Workspace.writing")
         gen_name = f"gen-{self.steps + 1:06d}"
         gen = self.path / GENERATIONS / gen_name
         model_t = {k: v.detach().cpu().contiguous() for k, v in learner.model.state_dict().items()}
@@ -211,15 +269,20 @@ class Workspace:
                 snapshots=snap_meta,
                 history=[*self.manifest["history"], history_entry],
             )
-            write_json_atomic(self.path / MANIFEST, manifest)
-            faults.checkpoint("commit:after-switch")
+            replace_json(self.path / MANIFEST, manifest)
         except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
             shutil.rmtree(gen, ignore_errors=True)
             raise _disk_error(e, f"step {self.steps + 1} to {self.path}") from e
-        old = self.generation_dir
+        # The manifest names the new generation now: it is the workspace's state, and from here
+        # on no error may remove it or report the workspace as unchanged.
         self.manifest = manifest
-        if old is not None and old != gen:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            fsync_dir(self.path)
+        except OSError as e:
+            warnings.warn(f"step {self.steps} is committed, but syncing {self.path} failed ({_reason(e)}): "
+                          "a power cut before the disk syncs could undo the step", stacklevel=2)
+        faults.checkpoint("commit:after-switch")
+        self._remove_unused_generations()
 
     def checksum(self) -> str:
         """One digest over the manifest and the current generation: equal iff the state is."""

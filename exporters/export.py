@@ -183,6 +183,7 @@ def export_workspace(
     workspace_mib: int = DEFAULT_WORKSPACE_MIB,
     cache_dir: str | Path | None = None,
     on_build: Callable[[], None] | None = None,
+    wait: bool = False,
 ) -> dict[str, Any]:
     """Export a workspace's current classifier: ONNX (parity-gated) and, with ``tensorrt_path``,
     a TensorRT engine. Returns a JSON-serialisable dict for the CLI."""
@@ -198,52 +199,53 @@ def export_workspace(
 
     from edge_m2kd.workspace import Workspace  # the workspace pulls in the learner: only when used
 
-    ws = Workspace.open(ws_path)
-    learner = ws.load_learner()
-    if learner.steps_done == 0:
-        raise UserError(f"{ws_path} has learned no classes yet, so there is nothing to export; "
-                        "run `edge-m2kd add-classes` first")
-    onnx_target = Path(onnx_path) if onnx_path is not None else default_onnx_path(ws_path)
-    prepare_output(onnx_target, "ONNX model")
+    # Export writes WS/exports and the engine cache: it is a writer, one at a time.
+    with Workspace.writing(ws_path, "export", wait) as ws:
+        learner = ws.load_learner()
+        if learner.steps_done == 0:
+            raise UserError(f"{ws_path} has learned no classes yet, so there is nothing to export; "
+                            "run `edge-m2kd add-classes` first")
+        onnx_target = Path(onnx_path) if onnx_path is not None else default_onnx_path(ws_path)
+        prepare_output(onnx_target, "ONNX model")
 
-    model = learner.deployed()
-    images, _ = learner.memory.arrays()
-    input_size = learner.cfg.model.input_size
-    probe_images = images if len(images) else None
-    result = export_model(
-        model,
-        learner.class_names,
-        input_size,
-        onnx_target,
-        probe_images=probe_images,
-        force=force,
-        extra_metadata={"workspace": {"steps_done": learner.steps_done, "backbone": learner.cfg.model.backbone,
-                                      "configured_classifier": learner.cfg.train.classifier}},
-    )
-
-    engine: EngineBuild | None = None
-    if tensorrt_path is not None:
-        engine = build_engine(
-            result.onnx_path,
-            tensorrt_path,
-            precision=precision,
-            max_batch=max_batch,
-            workspace_mib=workspace_mib,
-            calibration_images=probe_images,
-            cache_dir=cache_dir if cache_dir is not None else default_cache_dir(ws_path),
-            on_build=on_build,
+        model = learner.deployed()
+        images, _ = learner.memory.arrays()
+        input_size = learner.cfg.model.input_size
+        probe_images = images if len(images) else None
+        result = export_model(
+            model,
+            learner.class_names,
+            input_size,
+            onnx_target,
+            probe_images=probe_images,
+            force=force,
+            extra_metadata={"workspace": {"steps_done": learner.steps_done, "backbone": learner.cfg.model.backbone,
+                                          "configured_classifier": learner.cfg.train.classifier}},
         )
-    parity = result.parity.as_dict()
-    parity["passed"] = result.parity_passed
-    return {
-        "onnx": str(result.onnx_path),
-        "parity": parity,
-        "tensorrt": str(engine.plan_path) if engine else None,
-        "metadata": str(result.metadata_path),
-        "tensorrt_metadata": str(engine.metadata_path) if engine else None,
-        "model_hash": result.model_hash,
-        "precision": precision,
-        "engine_cache_hit": engine.cache_hit if engine else None,
-        "preflight": result.preflight,
-        "forced": not result.parity_passed,
-    }
+
+        engine: EngineBuild | None = None
+        if tensorrt_path is not None:
+            engine = build_engine(
+                result.onnx_path,
+                tensorrt_path,
+                precision=precision,
+                max_batch=max_batch,
+                workspace_mib=workspace_mib,
+                calibration_images=probe_images,
+                cache_dir=cache_dir if cache_dir is not None else default_cache_dir(ws_path),
+                on_build=on_build,
+            )
+        parity = result.parity.as_dict()
+        parity["passed"] = result.parity_passed
+        return {
+            "onnx": str(result.onnx_path),
+            "parity": parity,
+            "tensorrt": str(engine.plan_path) if engine else None,
+            "metadata": str(result.metadata_path),
+            "tensorrt_metadata": str(engine.metadata_path) if engine else None,
+            "model_hash": result.model_hash,
+            "precision": precision,
+            "engine_cache_hit": engine.cache_hit if engine else None,
+            "preflight": result.preflight,
+            "forced": not result.parity_passed,
+        }

@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
+from edge_m2kd import workspace
 from edge_m2kd.cli import main
+from edge_m2kd.config import METHODS, SNAPSHOT_POLICIES
 from edge_m2kd.data import load_digits
+from edge_m2kd.learner import Learner
+from edge_m2kd.locking import reading
+from edge_m2kd.snapshots import POLICIES
 from edge_m2kd.workspace import FORMAT_VERSION, Workspace
 
 CLASSES_PER_STEP = [["0", "1"], ["2", "3"]]
@@ -169,13 +178,19 @@ def test_budget_too_small_refuses_before_training(tmp_path, folders):
     assert checksum(ws) == before and Workspace.open(ws).steps == 0
 
 
-def run_cli_process(*args: str, env: dict | None = None, fsize: int | None = None) -> subprocess.CompletedProcess:
+def start_cli_process(*args: str, env: dict | None = None, fsize: int | None = None) -> subprocess.Popen:
     def limit() -> None:
         if fsize is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
-    return subprocess.run([sys.executable, "-m", "edge_m2kd", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, preexec_fn=limit, timeout=300)
+    return subprocess.Popen([sys.executable, "-m", "edge_m2kd", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, preexec_fn=limit)
+
+
+def run_cli_process(*args: str, env: dict | None = None, fsize: int | None = None) -> subprocess.CompletedProcess:
+    proc = start_cli_process(*args, env=env, fsize=fsize)
+    stdout, stderr = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def state_of(ws: Path) -> tuple[str, list[bool]]:
@@ -194,12 +209,13 @@ def test_sigkill_mid_step_leaves_the_previous_state(tmp_path, folders, point):
     proc = run_cli_process("add-classes", ws, folders["train"], "--classes", "2,3", env={"EDGE_M2KD_KILL_AT": point})
     assert proc.returncode == -9, proc.stderr
     assert state_of(ws) == before  # opens, verifies, and is exactly the state before the step
-    assert not any(p.name.endswith(".tmp") for p in ws.iterdir())
-    assert len(list((ws / "generations").iterdir())) == 1  # the half-written generation is gone
     # the step can be rerun, to the same result as an uninterrupted run from the same state
     for path in (ws, reference):
         assert run_cli_process("add-classes", path, folders["train"], "--classes", "2,3").returncode == 0
     assert Workspace.open(ws).manifest["files"] == Workspace.open(reference).manifest["files"]
+    # readers delete nothing; the next writer removed what the killed one left
+    assert not any(p.name.endswith(".tmp") for p in ws.iterdir())
+    assert [p.name for p in (ws / "generations").iterdir()] == ["gen-000002"]
 
 
 def test_sigkill_after_the_switch_keeps_the_new_step(tmp_path, folders):
@@ -219,3 +235,158 @@ def test_disk_full_during_commit_changes_nothing(tmp_path, folders):
     err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "could not write" in err[0] and "unchanged" in err[0]
     assert state_of(ws) == before
+
+
+# -- one writer at a time; readers never delete ------------------------------------------------
+def wait_for_writer(ws: Path, proc: subprocess.Popen) -> dict:
+    """Block until `proc` holds the workspace's writer lock (it writes its pid into the lock file)."""
+    lock = ws / "writer.lock"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            holder = json.loads(lock.read_text())
+        except (OSError, ValueError):
+            holder = {}
+        if holder.get("pid") == proc.pid:
+            return holder
+        time.sleep(0.02)
+    raise AssertionError("the writer never took the lock")
+
+
+def verified(ws: Path) -> bool:
+    code, out, _ = cli("snapshots", ws, "--verify", "--json")
+    return code == 0 and json.loads(out)["all_verified"]
+
+
+def test_a_second_writer_is_refused_naming_the_holder_or_waits(tmp_path, folders):
+    ws = make_workspace(tmp_path / "ws", folders, steps=1)
+    first = start_cli_process("add-classes", ws, folders["train"], "--classes", "2,3")
+    holder = wait_for_writer(ws, first)
+    assert holder["command"] == "add-classes"
+    code, _, err = cli("add-classes", ws, folders["train"], "--classes", "4")
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1, err
+    assert f"pid {first.pid}" in lines[0] and "add-classes" in lines[0] and holder["since"] in lines[0]
+    # --wait: starts once the first has committed, from the state the first committed
+    code, _, err = cli("add-classes", ws, folders["train"], "--classes", "4", "--wait")
+    assert first.wait(timeout=300) == 0, first.communicate()
+    assert code == 0, err
+    opened = Workspace.open(ws)
+    assert [h["classes"] for h in opened.manifest["history"]] == [["0", "1"], ["2", "3"], ["4"]]
+    assert verified(ws)
+
+
+def test_reads_during_a_step_neither_fail_nor_break_it(tmp_path, folders):
+    ws = make_workspace(tmp_path / "ws", folders, steps=1)
+    writer = start_cli_process("add-classes", ws, folders["train"], "--classes", "2,3")
+    wait_for_writer(ws, writer)
+    reads_during_step = 0
+    while writer.poll() is None or reads_during_step < 50:
+        running = writer.poll() is None
+        opened = Workspace.open(ws)
+        holdout = opened.load_holdout()  # reads a generation's file, as predict and eval do
+        assert sorted(holdout) == list(range(2 * opened.steps))
+        if reads_during_step % 10 == 0:
+            assert opened.load_learner().steps_done == opened.steps
+        reads_during_step += running and writer.poll() is None
+    assert writer.returncode == 0, writer.communicate()
+    assert reads_during_step >= 50
+    assert Workspace.open(ws).steps == 2 and verified(ws)
+
+
+def test_a_busy_reader_keeps_the_old_generation_and_a_stale_reader_follows_the_commit(tmp_path, folders):
+    ws = make_workspace(tmp_path / "ws", folders, steps=1)
+    generations = ws / "generations"
+    stale = Workspace.open(ws)  # opened before the step, reads its files after it
+    with reading(ws):  # another reader is loading files when the step commits
+        assert cli("add-classes", ws, folders["train"], "--classes", "2,3")[0] == 0
+    assert sorted(p.name for p in generations.iterdir()) == ["gen-000001", "gen-000002"]
+    with Workspace.writing(ws, "test"):  # the next writer deletes what no reader needs now
+        pass
+    assert [p.name for p in generations.iterdir()] == ["gen-000002"]
+    assert stale.load_learner().steps_done == 2 and stale.steps == 2
+
+
+def test_a_failure_after_the_manifest_switch_keeps_the_committed_step(tmp_path, folders, monkeypatch):
+    ws = make_workspace(tmp_path / "ws", folders, steps=1)
+    real_fsync_dir = workspace.fsync_dir
+
+    def fsync_dir(path: Path) -> None:
+        if Path(path) == ws:  # the workspace root: only synced to make the manifest's rename durable
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync_dir(path)
+
+    monkeypatch.setattr(workspace, "fsync_dir", fsync_dir)
+    code, _, err = cli("add-classes", ws, folders["train"], "--classes", "2,3")
+    monkeypatch.undo()
+    assert code == 0 and "step 2 is committed" in err and "unchanged" not in err, err
+    assert Workspace.open(ws).steps == 2 and verified(ws)
+
+
+def test_kill_9_of_a_writer_releases_the_lock(tmp_path, folders):
+    ws = make_workspace(tmp_path / "ws", folders, steps=1)
+    writer = start_cli_process("add-classes", ws, folders["train"], "--classes", "2,3",
+                               env={"EDGE_M2KD_KILL_AT": "before-train"})
+    assert writer.wait(timeout=300) == -9
+    assert json.loads((ws / "writer.lock").read_text())["pid"] == writer.pid  # it held the lock when killed
+    code, _, err = cli("add-classes", ws, folders["train"], "--classes", "2,3")  # no --wait: free at once
+    assert code == 0, err
+
+
+def test_too_small_exemplar_memory_is_refused_before_training(tmp_path, folders, monkeypatch):
+    ws = tmp_path / "ws"
+    assert cli("init", ws, *INIT, "--exemplars", "3")[0] == 0
+    assert cli("add-classes", ws, folders["train"], "--classes", "0,1")[0] == 0
+    before = checksum(ws)
+    monkeypatch.setattr(Learner, "step", lambda *a, **k: pytest.fail("trained before refusing"))
+    code, _, err = cli("add-classes", ws, folders["train"], "--classes", "2,3")
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "exemplar memory of 3" in lines[0] and "4 classes" in lines[0], err
+    assert checksum(ws) == before
+
+
+def test_repeated_first_steps_are_byte_identical(tmp_path, folders):
+    torch.manual_seed(0)
+    first = make_workspace(tmp_path / "a", folders, steps=1)
+    torch.manual_seed(1)  # whatever the process drew before, the step draws the same weights
+    second = make_workspace(tmp_path / "b", folders, steps=1)
+    gen = Path("generations") / "gen-000001"
+    for name in workspace.FILES:
+        assert (first / gen / name).read_bytes() == (second / gen / name).read_bytes(), name
+
+
+def test_a_failed_verify_is_one_line_exit_2_naming_the_step(ws, tmp_path):
+    damaged = tmp_path / "ws"
+    shutil.copytree(ws, damaged)
+    opened = Workspace.open(damaged)
+    snapshots = opened.generation_dir / "snapshots.safetensors"
+    tensors = load_file(snapshots)
+    tensors["probe_logits.1"] += 0.5
+    save_file(tensors, snapshots)
+    # the checksum matches again, so only the rebuild can tell
+    manifest = json.loads((damaged / "workspace.json").read_text())
+    manifest["files"]["snapshots.safetensors"] = workspace.sha256(snapshots)
+    (damaged / "workspace.json").write_text(json.dumps(manifest))
+    code, out, err = cli("snapshots", damaged, "--verify")
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "step 1 " in lines[0], err
+    assert "step 2  " in out and "verified" in out  # the table is printed first, step 2 passes
+
+
+def test_the_cli_offers_every_method_and_policy_the_library_has(tmp_path):
+    assert set(SNAPSHOT_POLICIES) == set(POLICIES)
+    for method in METHODS:
+        code, _, err = cli("init", tmp_path / method, *INIT, "--method", method)
+        assert code == 0, err
+        assert Workspace.open(tmp_path / method).config.method == method
+
+
+def test_the_cli_sets_a_passive_openmp_wait_policy_before_torch_loads():
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = "import os, sys, edge_m2kd.cli; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["PASSIVE", "False"]
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["ACTIVE", "False"]  # a user's own setting wins
