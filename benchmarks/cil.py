@@ -92,6 +92,7 @@ class Schedule:
     frozen_bn_stats: bool = False
     backbone_lr_scale: float = 1.0
     test_per_class: int | None = None  # None: every test image
+    classifier: str = "cnn"  # the deployed classifier: corrected head or NME
 
 
 SCHEDULES = {
@@ -107,7 +108,8 @@ SCHEDULES = {
     "cpu-pretrained": Schedule("cifar10", "mobilenetv2", 96, 500, PRETRAINED_DEFAULTS["epochs"], 64,
                                PRETRAINED_DEFAULTS["lr"], 200, "cpu", crop_pad=12, prune_finetune_epochs=1,
                                pretrained="imagenet", frozen_stages=PRETRAINED_DEFAULTS["frozen_stages"],
-                               backbone_lr_scale=PRETRAINED_DEFAULTS["backbone_lr_scale"], test_per_class=200),
+                               backbone_lr_scale=PRETRAINED_DEFAULTS["backbone_lr_scale"], test_per_class=200,
+                               classifier=PRETRAINED_DEFAULTS.get("classifier", "cnn")),
 }
 PRETRAINED_METHODS = ("ncm-frozen", "finetune", "icarl", "m2kd-full", "m2kd-packed", "joint")
 
@@ -215,8 +217,8 @@ def method_cfg(name: str, sched: Schedule, memory: int, args: argparse.Namespace
         "model": {"backbone": sched.backbone, "input_size": sched.input_size, "pretrained": sched.pretrained,
                   "frozen_stages": sched.frozen_stages, "frozen_bn_stats": sched.frozen_bn_stats},
         "train": {"epochs": sched.epochs, "batch_size": sched.batch_size, "lr": sched.lr, "crop_pad": sched.crop_pad,
-                  "flip": sched.flip, "device": sched.device, "seed": args.seed, "classifier": args.classifier,
-                  "backbone_lr_scale": sched.backbone_lr_scale},
+                  "flip": sched.flip, "device": sched.device, "seed": args.seed, "classifier": sched.classifier,
+                  "backbone_lr_scale": sched.backbone_lr_scale, "bias_correction": args.bias_correction},
         "snapshots": {"planned_steps": N_STEPS, "prune_finetune_epochs": sched.prune_finetune_epochs,
                       "free_restart": "pretrained" if sched.pretrained else "small_random"},
     }
@@ -366,7 +368,8 @@ def report_text(result: dict[str, Any]) -> str:
                                      matrix_body))
     footer = [
         f"Accuracy in %: deployed classifier ({result['settings']['classifier'].upper()}, bias correction "
-        "weight aligning), over all classes seen; NME final: nearest mean of exemplars after the last step.",
+        f"{result['settings'].get('bias_correction', 'weight_aligning').replace('_', ' ')}), over all classes seen; "
+        "NME final: nearest mean of exemplars after the last step.",
         "forgetting: mean over old groups of best-ever minus final accuracy (of the group, in points).",
         "bytes/snapshot: learner.store.bytes_report(), mean over steps; (unread): the method keeps snapshots "
         "but no step reads one.",
@@ -432,7 +435,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--per-class", type=int, default=None, help="override the training images per class")
     p.add_argument("--test-per-class", type=int, default=None, help="limit the test images per class (default all)")
     p.add_argument("--device", default=None, help="cpu, cuda, auto (default: the schedule's)")
-    p.add_argument("--classifier", choices=["cnn", "nme"], default="cnn", help="the deployed classifier")
+    p.add_argument("--classifier", choices=["cnn", "nme"], default=None,
+                   help="the deployed classifier (default: the schedule's)")
+    p.add_argument("--bias-correction", choices=["weight_aligning", "balanced_finetune", "none"],
+                   default="weight_aligning", help="how the head's new-class bias is corrected after a step")
     p.add_argument("--ablation-snapshots", choices=POLICIES, default="full",
                    help="snapshot policy of the m2kd-multi-model / m2kd-multi-level ablations (default full)")
     p.add_argument("--loss", type=parse_loss_override, action="append", default=[], metavar="KEY=VALUE",
@@ -469,7 +475,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "input_size": args.input_size, "pretrained": args.pretrained, "frozen_stages": args.frozen_stages,
         "backbone_lr_scale": args.backbone_lr_scale, "lr": args.lr,
         "frozen_bn_stats": None if args.frozen_bn_stats is None else args.frozen_bn_stats == "true",
-        "test_per_class": args.test_per_class}.items() if v is not None})
+        "test_per_class": args.test_per_class, "classifier": args.classifier}.items() if v is not None})
     if sched.pretrained == "imagenet":
         offline_imagenet_hub(sched.backbone)
     memories = args.memory or [sched.memory]
@@ -484,7 +490,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "memory": memories[0] if len(memories) == 1 else memories,
         "memories": memories,
         "accuracy_unit": "fraction",
-        "settings": {**asdict(sched), "classifier": args.classifier, "seed": args.seed, "order_seed": ORDER_SEED,
+        "settings": {**asdict(sched), "bias_correction": args.bias_correction,
+                     "seed": args.seed, "order_seed": ORDER_SEED,
                      "methods": args.methods, "ablation_snapshots": args.ablation_snapshots,
                      "loss_overrides": dict(args.loss),
                      "validation": args.validation,
@@ -534,7 +541,7 @@ def resumed_rows(path: Path, result: dict[str, Any]) -> dict[tuple[str, int], di
     same = ("schedule", "class_order")
     mine = {**result["settings"], "methods": None}
     # Runs saved before a setting existed ran with its default.
-    defaults = {"loss_overrides": {}, "pretrained": None, "frozen_stages": 0, "frozen_bn_stats": False,
+    defaults = {"loss_overrides": {}, "bias_correction": "weight_aligning", "pretrained": None, "frozen_stages": 0, "frozen_bn_stats": False,
                 "backbone_lr_scale": 1.0,
                 "validation": 0.0, "test_per_class": None}
     theirs = {**defaults, **earlier.get("settings", {}), "methods": None}

@@ -12,9 +12,8 @@ from typing import Any
 
 import click
 
-from edge_m2kd.config import METHODS, SNAPSHOT_POLICIES
+from edge_m2kd.config import BACKBONE_NAMES, METHODS, PRETRAINED_DEFAULTS, SNAPSHOT_POLICIES
 from edge_m2kd.errors import UserError
-from edge_m2kd.models.backbones import BACKBONES
 
 # Set before torch loads (every command imports it lazily, below), since OpenMP reads it once.
 # By default torch's threads spin at every barrier waiting for the slowest one; where another
@@ -98,16 +97,18 @@ wait_option = click.option("--wait", is_flag=True,
 
 @main.command()
 @click.argument("ws", type=WS)
-@click.option("--backbone", default="resnet32", show_default=True, type=click.Choice(sorted(BACKBONES)))
+@click.option("--backbone", default="resnet32", show_default=True, type=click.Choice(BACKBONE_NAMES))
 @click.option("--pretrained", default=None, metavar="imagenet|PATH",
               help="start the backbone from torchvision's published ImageNet weights (downloaded once into "
                    "torch's hub cache) or from a local .pth/.safetensors file")
 @click.option("--frozen-stages", default=None, type=click.IntRange(-1),
-              help="keep the first N backbone stages fixed (-1: all); default 1 when pretrained, else 0")
+              help=f"keep the first N backbone stages fixed (-1: all); default {PRETRAINED_DEFAULTS['frozen_stages']} "
+                   "when pretrained, else 0")
 @click.option("--backbone-lr-scale", default=None, type=click.FloatRange(0, min_open=True),
-              help="backbone learning rate as a fraction of the heads' (default 0.1 when pretrained, else 1)")
+              help="backbone learning rate as a fraction of the heads' (default "
+                   f"{PRETRAINED_DEFAULTS['backbone_lr_scale']} when pretrained, else 1)")
 @click.option("--lr", default=None, type=click.FloatRange(0, min_open=True),
-              help="learning rate of the heads (default 0.01 when pretrained, else 0.1)")
+              help=f"learning rate of the heads (default {PRETRAINED_DEFAULTS['lr']} when pretrained, else 0.1)")
 @click.option("--input-size", default=32, show_default=True, type=click.IntRange(8, 1024))
 @click.option("--snapshots", "policy", default="packed", show_default=True, type=POLICY)
 @click.option("--exemplars", default=2000, show_default=True, type=click.IntRange(0), help="exemplar images kept in all")
@@ -115,7 +116,7 @@ wait_option = click.option("--wait", is_flag=True,
 @click.option("--memory-budget", default=None, help="a size (2GiB, 512MB) or a board: orin-nano-4gb, orin-nano-8gb, "
               "orin-nx-16gb, agx-orin-32gb, agx-orin-64gb")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--epochs", default=None, type=click.IntRange(1), help="epochs per step (default 4 when pretrained, else 30)")
+@click.option("--epochs", default=None, type=click.IntRange(1), help=f"epochs per step (default {PRETRAINED_DEFAULTS['epochs']} when pretrained, else 30)")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--planned-steps", default=10, show_default=True, type=click.IntRange(1),
               help="packed snapshots: how many steps the free weights must last")

@@ -49,7 +49,7 @@ def init_workspace(
     wait: bool = False,
 ) -> dict[str, Any]:
     """A new workspace. On a pretrained start the defaults are those of PRETRAINED_DEFAULTS
-    (fewer epochs, a smaller learning rate for the backbone, the early stages frozen)."""
+    (fewer epochs, a smaller learning rate, the early stages frozen, NME deployed)."""
     start = PRETRAINED_DEFAULTS if pretrained else {}
     given = {"epochs": epochs, "frozen_stages": frozen_stages, "backbone_lr_scale": backbone_lr_scale, "lr": lr}
     knobs = {**start, **{k: v for k, v in given.items() if v is not None}}
@@ -61,7 +61,7 @@ def init_workspace(
                "pretrained": pretrained,
                **{k: v for k, v in knobs.items() if k == "frozen_stages"}},
         train={"device": device, "batch_size": batch_size, "flip": flip, "crop_pad": max(1, input_size // 8),
-               **{k: v for k, v in knobs.items() if k in ("epochs", "backbone_lr_scale", "lr")}},
+               **{k: v for k, v in knobs.items() if k in ("epochs", "backbone_lr_scale", "lr", "classifier")}},
         snapshots={"policy": policy, "planned_steps": planned_steps,
                    **({"free_restart": "pretrained"} if pretrained else {})},
     )
@@ -182,6 +182,7 @@ def _add_classes(ws: Workspace, data: Path, classes: list[str] | None, epochs: i
     cfg.train.sync_batchnorm = sync_batchnorm
     images = load_image_folder(data, cfg.model.input_size, classes, on_corrupt=on_corrupt)
     train, held_out = train_val_split(images, HOLDOUT_FRACTION, cfg.train.seed)
+    del images  # the split holds every image; keep one copy, not two, through the step
     t = learner.steps_done + 1
     predicted = _check_budget(ws.manifest.get("memory_budget_bytes"), learner, len(train), cfg.train.batch_size)
     faults.checkpoint("before-train")

@@ -110,7 +110,9 @@ def predict_training_peak(
         "gradients": trainable,
         "optimizer_state": trainable,  # SGD momentum: one buffer per trained parameter
         "teachers": teachers * snapshot_model_bytes,  # rebuilt, fp32, for the whole step
-        "training_images": train_images * image,  # uint8 new data in memory
+        # uint8 new data, twice: the images the step was given and the training set (new
+        # images and exemplars) it trains on
+        "training_images": 2 * train_images * image,
         "exemplars": exemplar_bytes,
         # Saved activations, plus what the allocator holds beyond them: backward's gradient
         # buffers, the last partial batch, oneDNN scratch. 1.5x is calibrated on this machine

@@ -21,10 +21,11 @@ from safetensors.torch import load_file, save_file
 
 from edge_m2kd import workspace
 from edge_m2kd.cli import main
-from edge_m2kd.config import METHODS, SNAPSHOT_POLICIES
+from edge_m2kd.config import BACKBONE_NAMES, METHODS, SNAPSHOT_POLICIES
 from edge_m2kd.data import load_digits
 from edge_m2kd.learner import Learner
 from edge_m2kd.locking import reading
+from edge_m2kd.models import BACKBONES
 from edge_m2kd.snapshots import POLICIES
 from edge_m2kd.workspace import FORMAT_VERSION, Workspace
 
@@ -376,6 +377,7 @@ def test_a_failed_verify_is_one_line_exit_2_naming_the_step(ws, tmp_path):
 
 def test_the_cli_offers_every_method_and_policy_the_library_has(tmp_path):
     assert set(SNAPSHOT_POLICIES) == set(POLICIES)
+    assert set(BACKBONE_NAMES) == set(BACKBONES)
     for method in METHODS:
         code, _, err = cli("init", tmp_path / method, *INIT, "--method", method)
         assert code == 0, err
