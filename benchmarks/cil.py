@@ -89,12 +89,13 @@ class Schedule:
     threads: int | None = None  # torch threads; None: torch's choice
     pretrained: str | None = None  # "imagenet" or a weights file (see edge_m2kd/models/pretrained.py)
     frozen_stages: int = 0
-    frozen_bn_stats: bool = False
     backbone_lr_scale: float = 1.0
+    free_restart: str | None = None  # packed: None is "pretrained" on a pretrained start, else "small_random"
     test_per_class: int | None = None  # None: every test image
     classifier: str = "cnn"  # the deployed classifier: corrected head or NME
 
 
+_PRE = PRETRAINED_DEFAULTS["train"]
 SCHEDULES = {
     # Digits are not mirror-symmetric (a flipped 2 is not a 2); 8x8 images upscaled to 16.
     # One thread: tiny batches gain little from two, and on a busy shared machine two threads can
@@ -105,11 +106,11 @@ SCHEDULES = {
     "full": Schedule("cifar10", "resnet32", 32, None, 50, 64, 0.1, 200, "auto"),
     # torchvision's ImageNet MobileNetV2 at 96 px (CIFAR's 32 px upsampled): pretrained features
     # need few epochs; 200 test images per class keep the evaluation of every step short.
-    "cpu-pretrained": Schedule("cifar10", "mobilenetv2", 96, 500, PRETRAINED_DEFAULTS["epochs"], 64,
-                               PRETRAINED_DEFAULTS["lr"], 200, "cpu", crop_pad=12, prune_finetune_epochs=1,
-                               pretrained="imagenet", frozen_stages=PRETRAINED_DEFAULTS["frozen_stages"],
-                               backbone_lr_scale=PRETRAINED_DEFAULTS["backbone_lr_scale"], test_per_class=200,
-                               classifier=PRETRAINED_DEFAULTS.get("classifier", "cnn")),
+    "cpu-pretrained": Schedule("cifar10", "mobilenetv2", 96, 500, _PRE["epochs"], 64, _PRE["lr"], 200, "cpu",
+                               crop_pad=12, prune_finetune_epochs=1, pretrained="imagenet",
+                               frozen_stages=PRETRAINED_DEFAULTS["model"]["frozen_stages"],
+                               backbone_lr_scale=_PRE["backbone_lr_scale"], test_per_class=200,
+                               classifier=_PRE["classifier"]),
 }
 PRETRAINED_METHODS = ("ncm-frozen", "finetune", "icarl", "m2kd-full", "m2kd-packed", "joint")
 
@@ -215,17 +216,16 @@ def method_cfg(name: str, sched: Schedule, memory: int, args: argparse.Namespace
     base, policy = resolve_method(name, args.ablation_snapshots)
     sections = {
         "model": {"backbone": sched.backbone, "input_size": sched.input_size, "pretrained": sched.pretrained,
-                  "frozen_stages": sched.frozen_stages, "frozen_bn_stats": sched.frozen_bn_stats},
+                  "frozen_stages": sched.frozen_stages},
         "train": {"epochs": sched.epochs, "batch_size": sched.batch_size, "lr": sched.lr, "crop_pad": sched.crop_pad,
                   "flip": sched.flip, "device": sched.device, "seed": args.seed, "classifier": sched.classifier,
                   "backbone_lr_scale": sched.backbone_lr_scale, "bias_correction": args.bias_correction},
         "snapshots": {"planned_steps": N_STEPS, "prune_finetune_epochs": sched.prune_finetune_epochs,
-                      "free_restart": "pretrained" if sched.pretrained else "small_random"},
+                      "free_restart": sched.free_restart or ("pretrained" if sched.pretrained else "small_random")},
     }
-    # What defines a method (ncm-frozen: no epochs, every stage frozen) is not the schedule's to change.
-    own = METHODS[base]
-    sections = {sec: {k: v for k, v in fields.items() if k not in own.get(sec, {})} for sec, fields in sections.items()}
-    cfg = method_config(base, **sections)
+    # The schedule's settings are defaults: what defines a method (ncm-frozen: no epochs, every
+    # stage frozen) is not the schedule's to change.
+    cfg = method_config(base, defaults=sections)
     cfg.snapshots.policy = policy  # type: ignore[assignment]
     if row_label(name, args) != name:
         for key, value in args.loss:
@@ -416,9 +416,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "torchvision's MobileNetV2 file is used when torch's hub cache lacks it")
     p.add_argument("--frozen-stages", type=int, default=None, help="override the schedule's frozen stages")
     p.add_argument("--backbone-lr-scale", type=float, default=None, help="override the schedule's")
-    p.add_argument("--frozen-bn-stats", choices=["true", "false"], default=None,
-                   help="keep the backbone's BatchNorm statistics (override the schedule's)")
     p.add_argument("--lr", type=float, default=None, help="override the schedule's learning rate")
+    p.add_argument("--free-restart", choices=["pretrained", "small_random"], default=None,
+                   help="packed: what unowned weights hold (default: pretrained on a pretrained start)")
     p.add_argument("--validation", type=float, default=0.0, metavar="FRACTION",
                    help="score on this fraction of each class's training images instead of the test set "
                         "(for choosing defaults)")
@@ -474,8 +474,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "per_class": args.per_class, "threads": args.threads, "backbone": args.backbone,
         "input_size": args.input_size, "pretrained": args.pretrained, "frozen_stages": args.frozen_stages,
         "backbone_lr_scale": args.backbone_lr_scale, "lr": args.lr,
-        "frozen_bn_stats": None if args.frozen_bn_stats is None else args.frozen_bn_stats == "true",
-        "test_per_class": args.test_per_class, "classifier": args.classifier}.items() if v is not None})
+        "test_per_class": args.test_per_class, "classifier": args.classifier, "free_restart": args.free_restart}.items() if v is not None})
     if sched.pretrained == "imagenet":
         offline_imagenet_hub(sched.backbone)
     memories = args.memory or [sched.memory]
@@ -541,9 +540,8 @@ def resumed_rows(path: Path, result: dict[str, Any]) -> dict[tuple[str, int], di
     same = ("schedule", "class_order")
     mine = {**result["settings"], "methods": None}
     # Runs saved before a setting existed ran with its default.
-    defaults = {"loss_overrides": {}, "bias_correction": "weight_aligning", "pretrained": None, "frozen_stages": 0, "frozen_bn_stats": False,
-                "backbone_lr_scale": 1.0,
-                "validation": 0.0, "test_per_class": None}
+    defaults = {"loss_overrides": {}, "bias_correction": "weight_aligning", "pretrained": None, "frozen_stages": 0,
+                "backbone_lr_scale": 1.0, "free_restart": None, "validation": 0.0, "test_per_class": None, "classifier": "cnn"}
     theirs = {**defaults, **earlier.get("settings", {}), "methods": None}
     differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
     differ += [k for k in same if earlier.get(k) != result.get(k)]

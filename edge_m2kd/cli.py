@@ -102,13 +102,13 @@ wait_option = click.option("--wait", is_flag=True,
               help="start the backbone from torchvision's published ImageNet weights (downloaded once into "
                    "torch's hub cache) or from a local .pth/.safetensors file")
 @click.option("--frozen-stages", default=None, type=click.IntRange(-1),
-              help=f"keep the first N backbone stages fixed (-1: all); default {PRETRAINED_DEFAULTS['frozen_stages']} "
+              help=f"keep the first N backbone stages fixed (-1: all); default {PRETRAINED_DEFAULTS['model']['frozen_stages']} "
                    "when pretrained, else 0")
 @click.option("--backbone-lr-scale", default=None, type=click.FloatRange(0, min_open=True),
               help="backbone learning rate as a fraction of the heads' (default "
-                   f"{PRETRAINED_DEFAULTS['backbone_lr_scale']} when pretrained, else 1)")
+                   f"{PRETRAINED_DEFAULTS['train']['backbone_lr_scale']} when pretrained, else 1)")
 @click.option("--lr", default=None, type=click.FloatRange(0, min_open=True),
-              help=f"learning rate of the heads (default {PRETRAINED_DEFAULTS['lr']} when pretrained, else 0.1)")
+              help=f"learning rate of the heads (default {PRETRAINED_DEFAULTS['train']['lr']} when pretrained, else 0.1)")
 @click.option("--input-size", default=32, show_default=True, type=click.IntRange(8, 1024))
 @click.option("--snapshots", "policy", default="packed", show_default=True, type=POLICY)
 @click.option("--exemplars", default=2000, show_default=True, type=click.IntRange(0), help="exemplar images kept in all")
@@ -116,7 +116,7 @@ wait_option = click.option("--wait", is_flag=True,
 @click.option("--memory-budget", default=None, help="a size (2GiB, 512MB) or a board: orin-nano-4gb, orin-nano-8gb, "
               "orin-nx-16gb, agx-orin-32gb, agx-orin-64gb")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--epochs", default=None, type=click.IntRange(1), help=f"epochs per step (default {PRETRAINED_DEFAULTS['epochs']} when pretrained, else 30)")
+@click.option("--epochs", default=None, type=click.IntRange(1), help=f"epochs per step (default {PRETRAINED_DEFAULTS['train']['epochs']} when pretrained, else 30)")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--planned-steps", default=10, show_default=True, type=click.IntRange(1),
               help="packed snapshots: how many steps the free weights must last")

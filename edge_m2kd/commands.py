@@ -50,20 +50,18 @@ def init_workspace(
 ) -> dict[str, Any]:
     """A new workspace. On a pretrained start the defaults are those of PRETRAINED_DEFAULTS
     (fewer epochs, a smaller learning rate, the early stages frozen, NME deployed)."""
-    start = PRETRAINED_DEFAULTS if pretrained else {}
     given = {"epochs": epochs, "frozen_stages": frozen_stages, "backbone_lr_scale": backbone_lr_scale, "lr": lr}
-    knobs = {**start, **{k: v for k, v in given.items() if v is not None}}
+    given = {k: v for k, v in given.items() if v is not None}  # what the user chose; the rest are defaults
     cfg = method_config(
         method,
+        defaults=PRETRAINED_DEFAULTS if pretrained else None,
         # The ImageNet stem is what pretrained ResNet-18 weights were trained with; keep it.
         model={"backbone": backbone, "input_size": input_size,
                "small_input_stem": backbone == "resnet18" and input_size < 64 and not pretrained,
-               "pretrained": pretrained,
-               **{k: v for k, v in knobs.items() if k == "frozen_stages"}},
+               "pretrained": pretrained, **{k: v for k, v in given.items() if k == "frozen_stages"}},
         train={"device": device, "batch_size": batch_size, "flip": flip, "crop_pad": max(1, input_size // 8),
-               **{k: v for k, v in knobs.items() if k in ("epochs", "backbone_lr_scale", "lr", "classifier")}},
-        snapshots={"policy": policy, "planned_steps": planned_steps,
-                   **({"free_restart": "pretrained"} if pretrained else {})},
+               **{k: v for k, v in given.items() if k != "frozen_stages"}},
+        snapshots={"policy": policy, "planned_steps": planned_steps},
     )
     if cfg.memory.total:
         cfg.memory.total = exemplars

@@ -36,10 +36,6 @@ class ModelConfig:
     # for good: they save no activations, and every snapshot shares them at no extra bytes.
     # -1 freezes every stage (a frozen feature extractor).
     frozen_stages: int = 0
-    # BatchNorm running statistics of the whole backbone stay at their starting (pretrained)
-    # values: batches of one step's few classes would otherwise pull them away from the
-    # statistics every old class's features were computed with. The affine parameters train.
-    frozen_bn_stats: bool = False
 
 
 @dataclass
@@ -136,8 +132,11 @@ class LearnerConfig:
 # cpu-pretrained schedule): few epochs at a small learning rate, the first two of three stages
 # frozen, NME deployed. Chosen on a validation split carved from CIFAR-10's training images
 # (docs/benchmarks.md, "Pretrained MobileNetV2: the validation search").
-PRETRAINED_DEFAULTS: dict[str, Any] = {"epochs": 8, "lr": 0.01, "backbone_lr_scale": 1.0, "frozen_stages": 2,
-                                       "classifier": "nme"}
+PRETRAINED_DEFAULTS: dict[str, dict[str, Any]] = {
+    "model": {"frozen_stages": 2},
+    "train": {"epochs": 8, "lr": 0.01, "backbone_lr_scale": 1.0, "classifier": "nme"},
+    "snapshots": {"free_restart": "pretrained"},
+}
 
 NO_DISTILLATION = dict(multi_model=False, multi_level=False, last_model_all_old=False)
 LAST_MODEL_ONLY = dict(multi_model=False, multi_level=False, last_model_all_old=True)
@@ -162,14 +161,16 @@ METHODS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def method_config(method: str, **sections: dict[str, Any]) -> LearnerConfig:
-    """The config of a named method; `sections` override fields per section, e.g.
-    ``method_config("m2kd", train={"epochs": 5}, snapshots={"policy": "full"})``: the method's
-    own settings first, then `sections` (a caller's explicit choice wins)."""
+def method_config(method: str, defaults: dict[str, dict[str, Any]] | None = None,
+                  **sections: dict[str, Any]) -> LearnerConfig:
+    """The config of a named method, field overrides per section, e.g.
+    ``method_config("m2kd", train={"epochs": 5}, snapshots={"policy": "full"})``. In order:
+    `defaults` (a schedule's, PRETRAINED_DEFAULTS), then the method's own settings (ncm-frozen
+    trains no epochs, whatever a schedule says), then `sections` (a caller's explicit choice)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
     cfg = LearnerConfig(method=method)
-    for overrides in (METHODS[method], sections):
+    for overrides in (defaults or {}, METHODS[method], sections):
         for name, fields in overrides.items():
             section = getattr(cfg, name)
             for key, value in fields.items():

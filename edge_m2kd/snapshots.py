@@ -53,7 +53,7 @@ def state_bytes(state: State) -> int:
 
 def build_model(model_cfg: ModelConfig, n_classes: int) -> IncrementalNet:
     model = IncrementalNet(model_cfg.backbone, model_cfg.aux_levels, model_cfg.small_input_stem,
-                           model_cfg.frozen_stages, model_cfg.frozen_bn_stats)
+                           model_cfg.frozen_stages)
     model.add_classes(n_classes)
     return model
 

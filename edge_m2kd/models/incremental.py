@@ -57,7 +57,6 @@ class IncrementalNet(nn.Module):
         aux_levels: list[int] | None = None,
         small_input_stem: bool = False,
         frozen_stages: int = 0,
-        frozen_bn_stats: bool = False,
     ) -> None:
         super().__init__()
         self.backbone_name = backbone
@@ -70,7 +69,6 @@ class IncrementalNet(nn.Module):
         self.frozen_modules: list[nn.Module] = [m for stage in stages[: self.n_frozen] for m in stage]
         for m in self.frozen_modules:
             m.requires_grad_(False)
-        self.frozen_bn_stats = frozen_bn_stats
         # Default: every stage but the last (whose output the main head already reads).
         self.aux_levels = list(range(len(channels) - 1)) if aux_levels is None else list(aux_levels)
         self.main_head = GrowingLinear(channels[-1])
@@ -87,15 +85,10 @@ class IncrementalNet(nn.Module):
         return {k for k, t in self.state_dict(keep_vars=True).items() if id(t) in ids}
 
     def train(self, mode: bool = True) -> IncrementalNet:
-        """Frozen stages stay in eval mode: their BatchNorm statistics are part of what is frozen
-        (and with frozen_bn_stats, every BatchNorm of the backbone keeps its statistics)."""
+        """Frozen stages stay in eval mode: their BatchNorm statistics are part of what is frozen."""
         super().train(mode)
         for m in self.frozen_modules:
             m.eval()
-        if self.frozen_bn_stats:
-            for m in self.backbone.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.eval()
         return self
 
     def add_classes(self, n: int) -> None:
