@@ -248,3 +248,29 @@ def test_pretrained_mobilenetv2_workspace_end_to_end(tmp_path, imagenet_hub, cif
     r = run_cli("predict", str(ws), image, "--backend", "onnxruntime", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["results"][0]["predictions"][0]["class"] in ("airplane", "automobile", "frog")
+
+
+def test_defaults_then_the_method_then_explicit_choices():
+    from edge_m2kd.config import PRETRAINED_DEFAULTS, method_config
+
+    ncm = method_config("ncm-frozen", defaults=PRETRAINED_DEFAULTS)
+    assert (ncm.train.epochs, ncm.model.frozen_stages, ncm.train.classifier) == (0, -1, "nme")
+    m2kd = method_config("m2kd", defaults=PRETRAINED_DEFAULTS, train={"epochs": 3})
+    assert m2kd.train.epochs == 3  # the caller's explicit choice wins over the defaults
+    assert m2kd.model.frozen_stages == PRETRAINED_DEFAULTS["model"]["frozen_stages"]
+    assert m2kd.snapshots.free_restart == "pretrained"
+    assert method_config("m2kd").model.frozen_stages == 0  # no pretrained defaults without a pretrained start
+
+
+def test_ncm_frozen_keeps_the_backbone_and_deploys_the_class_means(blob_data):
+    from helpers import quick_config
+
+    from edge_m2kd.learner import Learner
+
+    learner = Learner(quick_config("ncm-frozen"))
+    before = {k: v.clone() for k, v in learner.model.backbone.state_dict().items()}
+    learner.step(blob_data, ["c0", "c1"])
+    learner.step(blob_data, ["c2", "c3"])
+    assert all(torch.equal(before[k], v) for k, v in learner.model.backbone.state_dict().items())
+    deployed = learner.deployed()
+    assert deployed.normalize_features and torch.allclose(deployed.head.weight, learner.class_means)
