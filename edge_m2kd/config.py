@@ -51,6 +51,11 @@ class LossConfig:
     # How the teacher terms add up. "mean": L_mm keeps one scale whatever the step, so each old
     # group's pull shrinks as 1/(t-1); "sum": every old group pulls with weight 1 at every step.
     distill_reduction: str = "mean"
+    # What snapshot M_k's own-group term (L_mm, L_ml) distills: "own" (a softmax over C_k alone:
+    # identically zero for a one-class group), "own+rest" (C_k plus one column pooling the other
+    # classes M_k knew, T*logsumexp(z/T): how sure M_k is that an image is in C_k at all) or
+    # "all-known" (every class M_k knew). Not yet chosen on validation (issue 14): "own" as before.
+    distill_scope: str = "own"
 
 
 @dataclass

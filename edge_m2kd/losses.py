@@ -32,7 +32,10 @@ def teacher_terms(step: int, groups: list[list[int]], cfg: LossConfig) -> list[t
     if step <= 1:
         return terms
     if cfg.multi_model:
-        terms += [(k, groups[k - 1]) for k in range(1, step)]
+        if cfg.distill_scope == "all-known":
+            terms += [(k, [c for g in groups[:k] for c in g]) for k in range(1, step)]
+        else:
+            terms += [(k, groups[k - 1]) for k in range(1, step)]
     if cfg.last_model_all_old:
         terms.append((step - 1, [c for g in groups[: step - 1] for c in g]))
     return terms
@@ -47,15 +50,30 @@ class LossTerms:
     ml: float
 
 
+def scoped_logits(z: torch.Tensor, cols: list[int], known: int, scope: str, temperature: float) -> torch.Tensor:
+    """The columns a term distills. "own+rest" appends one column pooling the other classes the
+    teacher knew (ids below `known`), T*logsumexp(z/T), so that the softmax at temperature T
+    gives the rest exactly the probability mass those classes have together."""
+    rest = [c for c in range(known) if c not in cols] if scope == "own+rest" else []
+    if not rest:
+        return z[:, cols]
+    pooled = temperature * torch.logsumexp(z[:, rest] / temperature, dim=1, keepdim=True)
+    return torch.cat([z[:, cols], pooled], dim=1)
+
+
 def _distill(student: list[torch.Tensor], teachers: list[list[torch.Tensor]],
-             terms: list[tuple[int, list[int]]], temperature: float, reduction: str) -> torch.Tensor:
+             terms: list[tuple[int, list[int]]], cfg: LossConfig) -> torch.Tensor:
     """Mean over levels; over terms the mean (one scale at every step) or the sum (one weight
-    per old group). `student[level]`, `teachers[i][level]` are logits; teachers[i] belongs to terms[i]."""
+    per old group). `student[level]`, `teachers[i][level]` are logits; teachers[i] belongs to terms[i]
+    and knows the classes of its own width."""
+    T = cfg.temperature
     losses = torch.stack([
-        group_kd(s[:, cols], t[:, cols], temperature)
+        group_kd(scoped_logits(s, cols, t.shape[1], cfg.distill_scope, T),
+                 scoped_logits(t, cols, t.shape[1], cfg.distill_scope, T), T)
         for (_, cols), t_levels in zip(terms, teachers)
         for s, t in zip(student, t_levels)
     ])
+    reduction = cfg.distill_reduction
     if reduction == "mean":
         return losses.mean()
     if reduction == "sum":
@@ -77,10 +95,8 @@ def m2kd_loss(
         aux = torch.stack([F.cross_entropy(z, targets) for z in out.aux_logits]).mean()
     mm = ml = zero
     if terms:
-        mm = _distill([out.logits], [[teacher_outs[k].logits] for k, _ in terms], terms, cfg.temperature,
-                      cfg.distill_reduction)
+        mm = _distill([out.logits], [[teacher_outs[k].logits] for k, _ in terms], terms, cfg)
         if cfg.multi_level and out.aux_logits:
-            ml = _distill(out.aux_logits, [teacher_outs[k].aux_logits for k, _ in terms], terms, cfg.temperature,
-                          cfg.distill_reduction)
+            ml = _distill(out.aux_logits, [teacher_outs[k].aux_logits for k, _ in terms], terms, cfg)
     total = cls + cfg.aux_weight * aux + cfg.multi_model_weight * mm + cfg.multi_level_weight * ml
     return LossTerms(total, *(float(x.detach()) for x in (cls, aux, mm, ml)))

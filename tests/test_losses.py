@@ -75,3 +75,42 @@ def test_sum_reduction_gives_every_old_group_weight_one():
     assert abs(total.mm - float(by_hand)) < 1e-5
     with pytest.raises(ValueError, match="distill_reduction"):
         m2kd_loss(student, y, terms, teachers, LossConfig(distill_reduction="max"))
+
+
+def test_own_plus_rest_gives_a_one_class_group_a_real_term():
+    """A one-class group: "own" is identically zero, "own+rest" is a two-way distribution that
+    is zero when student and teacher agree and positive when they do not."""
+    torch.manual_seed(0)
+    groups = [[0, 1], [2]]
+    own, rest = LossConfig(), LossConfig(distill_scope="own+rest")
+    assert teacher_terms(3, groups, rest) == [(1, [0, 1]), (2, [2])]
+    y = torch.zeros(6, dtype=torch.long)
+    student = _out(torch.randn(6, 4), [])
+    teacher_2 = torch.randn(6, 3)  # snapshot 2 knew classes 0, 1, 2
+    disagree = {2: _out(teacher_2, [])}
+    terms = [(2, [2])]
+    assert m2kd_loss(student, y, terms, disagree, own).mm == 0.0
+    assert m2kd_loss(student, y, terms, disagree, rest).mm > 1e-3
+    agree = {2: _out(student.logits[:, :3].clone(), [])}
+    assert abs(m2kd_loss(student, y, terms, agree, rest).mm) < 1e-6
+
+
+def test_the_rest_column_pools_the_other_classes_the_teacher_knew():
+    from edge_m2kd.losses import scoped_logits
+
+    z = torch.randn(5, 6)
+    T = 2.0
+    got = scoped_logits(z, [2, 3], 4, "own+rest", T)  # the teacher knew classes 0..3
+    assert got.shape == (5, 3)
+    assert torch.allclose(got[:, :2], z[:, [2, 3]])
+    assert torch.allclose(got[:, 2], T * torch.logsumexp(z[:, [0, 1]] / T, dim=1))
+    # the softmax over [own, rest] is the softmax over classes 0..3 with 0 and 1 merged
+    p = torch.softmax(z[:, :4] / T, dim=1)
+    q = torch.softmax(got / T, dim=1)
+    assert torch.allclose(q[:, 2], p[:, 0] + p[:, 1], atol=1e-6)
+    assert torch.equal(scoped_logits(z, [2, 3], 4, "own", T), z[:, [2, 3]])
+
+
+def test_all_known_scope_asks_each_snapshot_about_every_class_it_knew():
+    cfg = LossConfig(distill_scope="all-known")
+    assert teacher_terms(3, GROUPS, cfg) == [(1, [0, 1]), (2, [0, 1, 2, 3])]
