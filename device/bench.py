@@ -8,7 +8,7 @@ preprocessing to logits on the host. It reports p50/p90/p99 per-call latency and
 
 ``bench`` and ``compare_backends`` open the workspace's predictors and add the memory each
 took: the process RSS after opening minus before, the peak RSS while it ran
-(:class:`device.probes.PeakMemorySampler`), the PyTorch CUDA allocator's growth where CUDA
+(:class:`edge_m2kd.memory.PeakMemorySampler`), the PyTorch CUDA allocator's growth where CUDA
 exists, the buffers a TensorRT predictor allocated itself, and on a Jetson the peak of
 ``NvMapMemUsed`` (system-wide). RSS deltas are those of this process: a backend opened after
 another shares libraries already loaded (onnxruntime after torch, say), so the first opened
@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from device.predictor import BACKENDS, DEFAULT_MAX_BATCH, Predictor, open_predictor
-from device.probes import PeakMemorySampler, cuda_allocator, process_rss_bytes
 from edge_m2kd.errors import UserError
+from edge_m2kd.memory import PeakMemorySampler, cuda_allocator, process_rss_bytes
 
 DEFAULT_ITERATIONS = 30
 DEFAULT_WARMUP = 3

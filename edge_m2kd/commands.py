@@ -11,7 +11,6 @@ from typing import Any, Literal
 
 import numpy as np
 
-from device.probes import PeakMemorySampler, process_rss_bytes
 from edge_m2kd import distributed, faults
 from edge_m2kd.config import PRETRAINED_DEFAULTS, LearnerConfig, method_config
 from edge_m2kd.data import load_image_folder, train_val_split
@@ -19,7 +18,14 @@ from edge_m2kd.data.sources import ImageSet
 from edge_m2kd.errors import UserError
 from edge_m2kd.evaluation import evaluate
 from edge_m2kd.learner import Learner, Progress
-from edge_m2kd.memory import largest_batch_that_fits, parse_budget, predict_training_peak, tensor_bytes
+from edge_m2kd.memory import (
+    PeakMemorySampler,
+    largest_batch_that_fits,
+    parse_budget,
+    predict_training_peak,
+    process_rss_bytes,
+    tensor_bytes,
+)
 from edge_m2kd.models.pretrained import check_fits, fetch_pretrained
 from edge_m2kd.snapshots import build_model
 from edge_m2kd.workspace import Workspace

@@ -1,4 +1,5 @@
-"""Tests for device/probes.py: tegrastats parsing, meminfo, the peak sampler, the tegrastats reader.
+"""Tests for device/probes.py (tegrastats parsing, the memory picture, the tegrastats reader) and for
+edge_m2kd/memory.py's measuring half (meminfo, resident size, the peak sampler).
 
 The tegrastats lines below are real output copied from public sources (cited above each); none
 of them was produced on a board in this project.
@@ -18,16 +19,13 @@ import pytest
 
 from device.probes import (
     MemoryPicture,
-    PeakMemorySampler,
     TegraStats,
     TegrastatsReader,
-    cuda_allocator,
     is_jetson,
     memory_picture,
     parse_tegrastats,
-    process_rss_bytes,
-    read_meminfo,
 )
+from edge_m2kd.memory import PeakMemorySampler, cuda_allocator, process_rss_bytes, read_meminfo
 
 MiB = 1024**2
 KiB = 1024
