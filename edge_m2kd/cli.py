@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from edge_m2kd.config import BACKBONE_NAMES, METHODS, PRETRAINED_DEFAULTS, SNAPSHOT_POLICIES
+from edge_m2kd.config import BACKBONE_NAMES, DEVICES, METHODS, PRETRAINED_DEFAULTS, SNAPSHOT_POLICIES
 from edge_m2kd.errors import UserError
 
 # Set before torch loads (every command imports it lazily, below), since OpenMP reads it once.
@@ -27,6 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Choices come from the library's own tables (config.py imports no torch: --help stays fast).
 METHOD = click.Choice(list(METHODS))
 POLICY = click.Choice(SNAPSHOT_POLICIES)
+DEVICE = click.Choice(DEVICES)
 
 
 class Group(click.Group):
@@ -115,7 +116,7 @@ wait_option = click.option("--wait", is_flag=True,
 @click.option("--method", default="m2kd", show_default=True, type=METHOD)
 @click.option("--memory-budget", default=None, help="a size (2GiB, 512MB) or a board: orin-nano-4gb, orin-nano-8gb, "
               "orin-nx-16gb, agx-orin-32gb, agx-orin-64gb")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--device", default="auto", show_default=True, type=DEVICE)
 @click.option("--epochs", default=None, type=click.IntRange(1), help=f"epochs per step (default {PRETRAINED_DEFAULTS['train']['epochs']} when pretrained, else 30)")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--planned-steps", default=10, show_default=True, type=click.IntRange(1),
@@ -221,7 +222,7 @@ BACKEND = click.Choice(["torch", "onnxruntime", "tensorrt"])
               help="TensorRT engine (default WS/exports/model.plan)")
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="ONNX model (default WS/exports/model.onnx)")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--device", default="auto", show_default=True, type=DEVICE)
 @click.option("--json", "as_json", is_flag=True)
 def predict(ws: Path, images: tuple[str, ...], top_k: int, backend: str, engine, onnx_path, device, as_json) -> None:
     """Class names and scores for each IMAGE, best first."""
@@ -242,7 +243,7 @@ def predict(ws: Path, images: tuple[str, ...], top_k: int, backend: str, engine,
               help="one backend; without it, PyTorch and onnxruntime side by side at batch 1 and 32")
 @click.option("--batch-size", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--iterations", default=30, show_default=True, type=click.IntRange(1))
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--device", default="auto", show_default=True, type=DEVICE)
 @click.option("--json", "as_json", is_flag=True)
 def bench(ws: Path, backend: str | None, batch_size: int, iterations: int, device: str, as_json: bool) -> None:
     """Latency percentiles (p50/p90/p99), images/s after warm-up, and the memory a backend takes."""

@@ -17,6 +17,7 @@ from edge_m2kd.data import load_image_folder, train_val_split
 from edge_m2kd.data.sources import ImageSet
 from edge_m2kd.errors import UserError
 from edge_m2kd.evaluation import evaluate
+from edge_m2kd.files import EXPORTS
 from edge_m2kd.learner import Learner, Progress
 from edge_m2kd.memory import (
     PeakMemorySampler,
@@ -319,7 +320,7 @@ def memory_report(path: str | Path, budget: str | None = None, new_images: int |
 
 
 def _export_bytes(ws_path: Path) -> int | None:
-    exports = ws_path / "exports"
+    exports = ws_path / EXPORTS
     files = [p for p in exports.glob("*") if p.is_file()] if exports.is_dir() else []
     return sum(p.stat().st_size for p in files) or None
 

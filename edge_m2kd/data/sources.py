@@ -109,6 +109,17 @@ class ImageSet:
         return self.subset(np.isin(self.labels, wanted))
 
 
+def check_images(images: np.ndarray, size: int | tuple[int, int], what: str = "images", hint: str = "") -> np.ndarray:
+    """uint8 RGB (N, H, W, 3) at a model's input size (`size` square, or (H, W)), or a UserError
+    saying what arrived instead; `hint` says how to get it right."""
+    h, w = (size, size) if isinstance(size, int) else size
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or \
+            images.shape[1:] != (h, w, 3):
+        got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, np.ndarray) else type(images).__name__
+        raise UserError(f"{what}: expected uint8 RGB of shape (N, {h}, {w}, 3), got {got}" + (f"; {hint}" if hint else ""))
+    return images
+
+
 # ----------------------------------------------------------------------------- ImageFolder
 
 # Files bigger than this are decode-bound: PIL's C decoders release the GIL, so threads pay off.
