@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -24,7 +25,9 @@ from typing import Any
 from edge_m2kd.memory import cuda_allocator, process_rss_bytes, read_meminfo
 
 __all__ = [
+    "board_memory",
     "TegraStats",
+    "TegrastatsPeak",
     "parse_tegrastats",
     "is_jetson",
     "MemoryPicture",
@@ -202,6 +205,11 @@ def is_jetson(
     return meminfo is not None and "NvMapMemUsed" in meminfo
 
 
+# Read when called, so a test can point them at a fake board.
+MEMINFO: str | os.PathLike[str] = "/proc/meminfo"
+TEGRA_RELEASE: str | os.PathLike[str] = "/etc/nv_tegra_release"
+
+
 @dataclass(frozen=True)
 class MemoryPicture:
     """Where memory stands now, in bytes. ``None`` marks a figure this platform does not have."""
@@ -220,10 +228,13 @@ class MemoryPicture:
 
 
 def memory_picture(
-    meminfo_path: str | os.PathLike[str] = "/proc/meminfo",
+    meminfo_path: str | os.PathLike[str] | None = None,
     status_path: str | os.PathLike[str] = "/proc/self/status",
-    tegra_release_path: str | os.PathLike[str] = "/etc/nv_tegra_release",
+    tegra_release_path: str | os.PathLike[str] | None = None,
 ) -> MemoryPicture:
+    """``meminfo_path`` and ``tegra_release_path`` default to MEMINFO and TEGRA_RELEASE."""
+    meminfo_path = MEMINFO if meminfo_path is None else meminfo_path
+    tegra_release_path = TEGRA_RELEASE if tegra_release_path is None else tegra_release_path
     meminfo = read_meminfo(meminfo_path)
     if "MemTotal" not in meminfo:
         raise ValueError(f"{meminfo_path}: no MemTotal line")
@@ -242,6 +253,19 @@ def memory_picture(
         cuda_reserved_bytes=cuda["reserved_bytes"] if cuda else None,
         is_jetson=is_jetson(meminfo, tegra_release_path),
     )
+
+
+def board_memory() -> dict[str, int | None] | None:
+    """The board's shared memory (CPU and GPU draw on one DRAM) as the kernel counts it, on a
+    Jetson; ``None`` elsewhere, where the machine's RAM is not the board's budget."""
+    try:
+        pic = memory_picture()
+    except (OSError, ValueError):  # no /proc/meminfo (not Linux), or one without MemTotal
+        return None
+    if not pic.is_jetson:
+        return None
+    return {"total_bytes": pic.total_bytes, "available_bytes": pic.available_bytes,
+            "nvmap_used_bytes": pic.nvmap_used_bytes}
 
 
 class TegrastatsReader:
@@ -270,14 +294,24 @@ class TegrastatsReader:
         self.skip_unparsable = skip_unparsable
         self._proc: subprocess.Popen[str] | None = None
 
+    def start(self) -> None:
+        """Start tegrastats now (iterating starts it too, if this was not called)."""
+        if self._proc is None:
+            self._proc = subprocess.Popen(
+                [self.executable, "--interval", str(self.interval_ms)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+
+    def stop(self) -> None:
+        """End tegrastats, leaving its output to whoever iterates (who then sees the end of it)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+
     def __iter__(self) -> Iterator[TegraStats]:
-        self._proc = subprocess.Popen(
-            [self.executable, "--interval", str(self.interval_ms)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        assert self._proc.stdout is not None
+        self.start()
+        assert self._proc is not None and self._proc.stdout is not None
         try:
             for line in self._proc.stdout:
                 if not line.strip():
@@ -314,3 +348,52 @@ class TegrastatsReader:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class TegrastatsPeak:
+    """The highest RAM use and GPU load tegrastats reports while a block runs.
+
+    >>> with TegrastatsPeak() as t:
+    ...     run_the_benchmark()
+    >>> t.ram_used_peak_bytes, t.gr3d_peak_percent
+
+    tegrastats' RAM figure is the board's whole shared DRAM (CPU and GPU), which the process's
+    resident size does not show. Without tegrastats (not a Jetson) nothing runs and the figures
+    stay ``None``.
+    """
+
+    def __init__(self, interval_ms: int = 100, *, executable: str = "tegrastats") -> None:
+        self.ram_used_peak_bytes: int | None = None
+        self.gr3d_peak_percent: int | None = None
+        self.samples = 0
+        try:
+            self._reader: TegrastatsReader | None = TegrastatsReader(interval_ms, executable=executable,
+                                                                     skip_unparsable=True)
+        except RuntimeError:
+            self._reader = None
+        self._thread: threading.Thread | None = None
+
+    def _run(self, lines: Iterator[TegraStats]) -> None:
+        for s in lines:
+            self.samples += 1
+            self.ram_used_peak_bytes = max(self.ram_used_peak_bytes or 0, s.ram_used_bytes)
+            if s.gr3d_percent is not None:
+                self.gr3d_peak_percent = max(self.gr3d_peak_percent or 0, s.gr3d_percent)
+
+    def __enter__(self) -> TegrastatsPeak:
+        if self._reader is not None:
+            lines = iter(self._reader)
+            # Start tegrastats here, not in the thread, so the block is measured from its start.
+            self._reader.start()
+            self._thread = threading.Thread(target=self._run, args=(lines,), name="tegrastats", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._reader is not None and self._thread is not None:
+            self._reader.stop()  # tegrastats ends; the thread reads what is left and returns
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def to_dict(self) -> dict[str, int | None]:
+        return {"tegrastats_ram_peak_bytes": self.ram_used_peak_bytes, "gr3d_peak_percent": self.gr3d_peak_percent}

@@ -144,7 +144,7 @@ def init(ws: Path, backbone, pretrained, frozen_stages, backbone_lr_scale, lr, i
 @main.command("add-classes")
 @click.argument("ws", type=WS)
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option("--classes", default=None, help="comma-separated class folders to learn (default: every new one)")
+@click.option("--classes", default=None, help="comma-separated class names to learn (default: every new one)")
 @click.option("--epochs", default=None, type=click.IntRange(1))
 @click.option("--batch-size", default=None, type=click.IntRange(1))
 @click.option("--on-corrupt", default="skip", show_default=True, type=click.Choice(["skip", "error"]),
@@ -153,7 +153,8 @@ def init(ws: Path, backbone, pretrained, frozen_stages, backbone_lr_scale, lr, i
 @wait_option
 @click.option("--json", "as_json", is_flag=True)
 def add_classes(ws: Path, data: Path, classes, epochs, batch_size, on_corrupt, sync_bn, wait, as_json) -> None:
-    """Learn the new classes of the image folder DATA (DATA/<class>/*.jpg) and commit the step."""
+    """Learn the new classes in DATA and commit the step. DATA is an image folder (DATA/<class>/*.jpg),
+    the CIFAR-100 python release (cifar-100-python/, its train split) or an .npz (x, y, optional classes)."""
     from tqdm import tqdm
 
     from edge_m2kd.commands import add_classes as run
@@ -291,6 +292,10 @@ def memory(ws: Path, budget: str | None, new_images: int | None, as_json: bool) 
         verdict = "fits" if out["fits"] else "DOES NOT FIT"
         click.echo(f"budget {_mib(out['budget']).strip()}: {verdict}; largest batch size "
                    f"{nxt['largest_batch_size']}, largest exemplar count {nxt['largest_exemplar_count']}")
+    if out["board"] is not None:
+        b = out["board"]
+        click.echo(f"board memory {_mib(b['total_bytes']).strip()}, available {_mib(b['available_bytes']).strip()}, "
+                   f"NvMap (GPU buffers) {_mib(b['nvmap_used_bytes']).strip()}")
     if "last_step_measured_peak_rss" in out:
         click.echo(f"last step: predicted {_mib(out['last_step_predicted_peak']).strip()}, measured "
                    f"{_mib(out['last_step_measured_peak_rss']).strip()} resident")
