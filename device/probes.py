@@ -195,19 +195,19 @@ def parse_tegrastats(line: str) -> TegraStats:
     )
 
 
-def is_jetson(
-    meminfo: dict[str, int] | None = None,
-    tegra_release_path: str | os.PathLike[str] = "/etc/nv_tegra_release",
-) -> bool:
-    """True on an L4T (Jetson) system: ``/etc/nv_tegra_release`` exists or the kernel reports NvMap."""
-    if Path(tegra_release_path).exists():
-        return True
-    return meminfo is not None and "NvMapMemUsed" in meminfo
-
-
 # Read when called, so a test can point them at a fake board.
 MEMINFO: str | os.PathLike[str] = "/proc/meminfo"
 TEGRA_RELEASE: str | os.PathLike[str] = "/etc/nv_tegra_release"
+
+
+def is_jetson(
+    meminfo: dict[str, int] | None = None,
+    tegra_release_path: str | os.PathLike[str] | None = None,
+) -> bool:
+    """True on an L4T (Jetson) system: ``/etc/nv_tegra_release`` exists or the kernel reports NvMap."""
+    if Path(TEGRA_RELEASE if tegra_release_path is None else tegra_release_path).exists():
+        return True
+    return meminfo is not None and "NvMapMemUsed" in meminfo
 
 
 @dataclass(frozen=True)

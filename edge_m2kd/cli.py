@@ -197,7 +197,8 @@ def add_classes(ws: Path, data: Path, classes, epochs, batch_size, on_corrupt, s
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True)
 def eval_(ws: Path, data: Path, as_json: bool) -> None:
-    """Accuracy (CNN and NME) per class group and overall on a test folder."""
+    """Accuracy (CNN and NME) per class group and overall on DATA: a test image folder, the
+    CIFAR-100 python release (its test split) or an .npz."""
     from edge_m2kd.commands import evaluate_folder
 
     out = evaluate_folder(ws, data)

@@ -342,9 +342,10 @@ def test_compare_backends_reports_percentiles_throughput_and_memory(ws):
 
 
 def test_bench_reports_tegrastats_on_a_jetson(ws, tmp_path, monkeypatch):
-    # A stand-in tegrastats on PATH, as on a board: its RAM figure is the whole shared DRAM.
+    # A stand-in tegrastats on PATH, as on a board: its RAM figure is the whole shared DRAM. It
+    # ignores SIGTERM, so it prints both lines however soon the benchmark ends.
     script = tmp_path / "tegrastats"
-    script.write_text("#!/bin/sh\necho 'RAM 3150/7620MB (lfb 37x4MB) SWAP 0/3810MB GR3D_FREQ 37%'\n"
+    script.write_text("#!/bin/sh\ntrap '' TERM\necho 'RAM 3150/7620MB (lfb 37x4MB) SWAP 0/3810MB GR3D_FREQ 37%'\n"
                       "echo 'RAM 3201/7620MB (lfb 37x4MB) SWAP 0/3810MB GR3D_FREQ 12%'\n")
     script.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ.get('PATH', '')}")

@@ -511,7 +511,9 @@ def test_sampler_entered_again_measures_only_the_new_block():
 
 def _fake_tegrastats(folder: Path, monkeypatch) -> None:
     script = folder / "tegrastats"
-    script.write_text(f"#!/bin/sh\necho '{JP6_ORIN_NANO}'\necho '{JP5_ORIN_NX}'\n")
+    # It ignores SIGTERM so a block shorter than its start-up still gets both lines (a real
+    # tegrastats prints until it is stopped; this one prints two and exits).
+    script.write_text(f"#!/bin/sh\ntrap '' TERM\necho '{JP6_ORIN_NANO}'\necho '{JP5_ORIN_NX}'\n")
     script.chmod(0o755)
     monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ.get('PATH', '')}")
 

@@ -460,6 +460,8 @@ def test_memory_reports_the_boards_figures_on_a_jetson(ws, tmp_path, monkeypatch
     (tmp_path / "meminfo").write_text("MemTotal:        8038788 kB\nMemFree:         4851052 kB\n"
                                       "MemAvailable:    5642288 kB\nNvMapMemUsed:     805068 kB\n")
     monkeypatch.setattr(probes, "MEMINFO", tmp_path / "meminfo")
+    # NvMapMemUsed alone says Jetson; no /etc/nv_tegra_release, so a real board runs this test the same
+    monkeypatch.setattr(probes, "TEGRA_RELEASE", tmp_path / "no-nv_tegra_release")
     code, out, _ = cli("memory", ws, "--json")
     assert code == 0 and json.loads(out)["board"] == {
         "total_bytes": 8038788 * kib, "available_bytes": 5642288 * kib, "nvmap_used_bytes": 805068 * kib}
