@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -18,6 +17,7 @@ import numpy as np
 
 from device.bench import torch_threads  # noqa: F401 - one implementation, re-exported
 from edge_m2kd.errors import UserError
+from edge_m2kd.files import write_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,9 +79,7 @@ def to_json(obj: Any, indent: int | None = 2) -> str:
 def write_json(path: Path, obj: Any) -> Path:
     """Write through a temporary file and a rename: a reader (or a kill) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(to_json(obj) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, (to_json(obj) + "\n").encode())
     return path
 
 

@@ -48,8 +48,8 @@ from device.predictor import (
     TorchPredictor,
     tensorrt_unavailable,
 )
-from device.probes import process_rss_bytes
 from edge_m2kd.config import IMAGE_MEAN, IMAGE_STD
+from edge_m2kd.memory import process_rss_bytes
 from edge_m2kd.models import DeployedClassifier, build_backbone
 
 NAME = "inference"

@@ -5,8 +5,9 @@
   PyTorch; ``open_predictor(ws, backend)`` and ``predict_images(ws, paths, backend)`` for a workspace.
 - :mod:`device.bench`: latency percentiles, images/s and memory per backend (``bench``,
   ``compare_backends``).
-- :mod:`device.probes`: memory probes (tegrastats, ``/proc/meminfo`` with NvMap, the CUDA allocator).
+- :mod:`device.probes`: the board's memory picture (tegrastats, ``/proc/meminfo`` with NvMap); the
+  measuring it builds on (resident size, meminfo, the CUDA allocator, the peak sampler) is the
+  core's, in :mod:`edge_m2kd.memory`, because device/ may import the core but not the reverse.
 
-Nothing is imported here, so ``import device.probes`` stays cheap; TensorRT and pycuda are imported
-only when a TensorRT predictor is opened.
+Nothing is imported here; TensorRT and pycuda are imported only when a TensorRT predictor is opened.
 """

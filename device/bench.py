@@ -8,9 +8,10 @@ preprocessing to logits on the host. It reports p50/p90/p99 per-call latency and
 
 ``bench`` and ``compare_backends`` open the workspace's predictors and add the memory each
 took: the process RSS after opening minus before, the peak RSS while it ran
-(:class:`device.probes.PeakMemorySampler`), the PyTorch CUDA allocator's growth where CUDA
+(:class:`edge_m2kd.memory.PeakMemorySampler`), the PyTorch CUDA allocator's growth where CUDA
 exists, the buffers a TensorRT predictor allocated itself, and on a Jetson the peak of
-``NvMapMemUsed`` (system-wide). RSS deltas are those of this process: a backend opened after
+``NvMapMemUsed`` (system-wide) and tegrastats' peak RAM use (the whole shared DRAM) and GPU
+load (:class:`device.probes.TegrastatsPeak`). RSS deltas are those of this process: a backend opened after
 another shares libraries already loaded (onnxruntime after torch, say), so the first opened
 pays for them.
 """
@@ -26,8 +27,9 @@ from typing import Any
 import numpy as np
 
 from device.predictor import BACKENDS, DEFAULT_MAX_BATCH, Predictor, open_predictor
-from device.probes import PeakMemorySampler, cuda_allocator, process_rss_bytes
+from device.probes import TegrastatsPeak
 from edge_m2kd.errors import UserError
+from edge_m2kd.memory import PeakMemorySampler, cuda_allocator, process_rss_bytes
 
 DEFAULT_ITERATIONS = 30
 DEFAULT_WARMUP = 3
@@ -147,7 +149,7 @@ def compare_backends(
     with torch_threads(threads):
         for backend in backends:
             rss_before, cuda_before = process_rss_bytes(), _cuda_allocated()
-            with PeakMemorySampler() as sampler:
+            with PeakMemorySampler() as sampler, TegrastatsPeak() as tegrastats:
                 predictor = open_predictor(ws, backend, engine=engine, onnx=onnx, device=device, threads=threads,
                                            max_batch=max(DEFAULT_MAX_BATCH, *batch_sizes))
                 try:
@@ -156,7 +158,7 @@ def compare_backends(
                                              max_seconds=max_seconds) for b in batch_sizes]
                 finally:
                     predictor.close()
-            memory = _memory(rss_before, rss_loaded, cuda_before, sampler, predictor)
+            memory = {**_memory(rss_before, rss_loaded, cuda_before, sampler, predictor), **tegrastats.to_dict()}
             rows += [{**row, "threads": threads, "memory": memory} for row in found]
     return rows
 
@@ -189,6 +191,10 @@ def format_rows(rows: Sequence[dict[str, Any]]) -> str:
         lines.append([r["backend"], r["device"], str(r["batch_size"]), f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}",
                       f"{r['p99_ms']:.2f}", f"{r['images_per_s']:.1f}", _mib(m.get("rss_load_delta_bytes")),
                       _mib(m.get("peak_rss_delta_bytes")), _mib(gpu)])
+    if any((r.get("memory") or {}).get("tegrastats_ram_peak_bytes") for r in rows):  # on a Jetson
+        header.append("board RAM peak MiB")
+        for line, r in zip(lines, rows):
+            line.append(_mib((r.get("memory") or {}).get("tegrastats_ram_peak_bytes")))
     return _table(header, lines)
 
 

@@ -31,7 +31,10 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from edge_m2kd.config import DEVICES
 from edge_m2kd.errors import UserError
+from edge_m2kd.files import default_engine_path, default_onnx_path
+from edge_m2kd.hashing import sha256
 
 if TYPE_CHECKING:  # annotations only: TensorRT and torch are imported where they are used
     import tensorrt
@@ -39,7 +42,6 @@ if TYPE_CHECKING:  # annotations only: TensorRT and torch are imported where the
 
 BACKENDS = ("tensorrt", "onnxruntime", "torch")
 DEFAULT_MAX_BATCH = 32  # chunk size for onnxruntime and PyTorch (TensorRT: the engine's profile)
-DEVICES = ("auto", "cpu", "cuda")
 
 
 # -- the interface ------------------------------------------------------------------------------
@@ -61,13 +63,11 @@ class Predictor(Protocol):
 
 # -- shared pieces: pixels in, results out --------------------------------------------------------
 def check_images(images: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (N, size, size, 3), or a UserError saying what arrived instead."""
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or \
-            images.shape[1:] != (size, size, 3):
-        got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, np.ndarray) else type(images).__name__
-        raise UserError(f"images must be uint8 RGB of shape (N, {size}, {size}, 3), got {got}; "
-                        "read them with device.predictor.read_images")
-    return images
+    # The check is the core's (exports check their probe images with it too); imported here,
+    # not at the top, because edge_m2kd.data brings torch and the TensorRT path runs without it.
+    from edge_m2kd.data.sources import check_images as check
+
+    return check(images, size, hint="read them with device.predictor.read_images")
 
 
 def preprocess(images: np.ndarray, size: int, normalization: tuple[np.ndarray, np.ndarray] | None = None,
@@ -155,12 +155,6 @@ def _input_contract(meta: dict[str, Any], path: Path) -> tuple[str, str, int, tu
     return str(inp.get("name")), str(outp.get("name")), int(shape[2]), to_apply
 
 
-def _sha256_file(path: Path) -> str:
-    from edge_m2kd.hashing import sha256  # the one streaming file hash
-
-    return sha256(path)
-
-
 def _read_artifact_metadata(path: Path, kind: str, what: str, how: str) -> dict[str, Any]:
     from exporters.artifacts import metadata_path, read_metadata
 
@@ -227,7 +221,9 @@ class TorchPredictor(_Base):
         if max_batch < 1:
             raise UserError(f"max_batch must be at least 1, got {max_batch}")
         self._torch = torch
-        self._device = _torch_device(device)
+        from edge_m2kd.learner import resolve_device  # torch is imported only for this backend
+
+        self._device = resolve_device(device)
         self.device = self._device.type
         self.model: torch.nn.Module | None = model.to(self._device).eval()
         self.class_names = list(class_names)
@@ -257,18 +253,6 @@ class TorchPredictor(_Base):
         self.model = None  # a workspace's model is referenced only here: its memory goes back
 
 
-def _torch_device(device: str) -> torch.device:
-    import torch
-
-    if device not in DEVICES and not device.startswith("cuda:"):
-        raise UserError(f"unknown device {device!r}; choose auto, cpu or cuda")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("device cuda was asked for but this torch has no CUDA device; use --device cpu or auto")
-    return torch.device(device)
-
-
 # -- onnxruntime ---------------------------------------------------------------------------------------
 class OnnxRuntimePredictor(_Base):
     backend = "onnxruntime"
@@ -280,11 +264,11 @@ class OnnxRuntimePredictor(_Base):
         super().__init__()
         if max_batch < 1:
             raise UserError(f"max_batch must be at least 1, got {max_batch}")
-        if device not in DEVICES:
+        if device not in DEVICES:  # onnxruntime picks providers, not a CUDA index
             raise UserError(f"unknown device {device!r}; choose auto, cpu or cuda")
         path = Path(onnx_path)
         meta = _read_artifact_metadata(path, "onnx", "ONNX export", export_hint)
-        if meta.get("model_hash") not in (None, _sha256_file(path)):
+        if meta.get("model_hash") not in (None, sha256(path)):
             raise UserError(f"{path} does not match its metadata (model hash differs): the file changed after "
                             f"export; {export_hint}")
         self.meta = meta
@@ -512,14 +496,6 @@ def _engine_device_memory(engine: Any) -> int | None:
 
 
 # -- the workspace-level entry points ----------------------------------------------------------------------
-def default_onnx_path(ws: str | Path) -> Path:
-    return Path(ws) / "exports" / "model.onnx"
-
-
-def default_engine_path(ws: str | Path) -> Path:
-    return Path(ws) / "exports" / "model.plan"
-
-
 def check_export_is_current(ws: str | Path, meta: dict[str, Any], artifact: Path, command: str) -> None:
     """An export made before the last ``add-classes`` has the old classes: refuse it."""
     from edge_m2kd.workspace import Workspace

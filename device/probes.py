@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import os
 import re
-import resource
 import shutil
 import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -24,17 +21,17 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+# The core owns these (a step measures its own peak, and the core imports nothing from device/).
+from edge_m2kd.memory import cuda_allocator, process_rss_bytes, read_meminfo
+
 __all__ = [
+    "board_memory",
     "TegraStats",
+    "TegrastatsPeak",
     "parse_tegrastats",
-    "read_meminfo",
-    "process_rss_bytes",
-    "cuda_allocator",
     "is_jetson",
     "MemoryPicture",
     "memory_picture",
-    "MemorySample",
-    "PeakMemorySampler",
     "TegrastatsReader",
 ]
 
@@ -198,67 +195,17 @@ def parse_tegrastats(line: str) -> TegraStats:
     )
 
 
-def read_meminfo(path: str | os.PathLike[str] = "/proc/meminfo") -> dict[str, int]:
-    """``/proc/meminfo`` as bytes (``kB`` values times 1024); unitless counts (HugePages_*) as is.
-
-    On a Jetson this includes ``NvMapMemUsed`` / ``NvMapMemFree``.
-    """
-    out: dict[str, int] = {}
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        key, sep, rest = line.partition(":")
-        parts = rest.split()
-        if not sep or not parts or not parts[0].isdigit() or len(parts) > 2:
-            raise ValueError(f"{path}:{lineno}: unreadable meminfo line {line!r}")
-        value = int(parts[0])
-        if len(parts) == 2:
-            if parts[1] != "kB":
-                raise ValueError(f"{path}:{lineno}: unexpected unit {parts[1]!r} in {line!r}")
-            value *= 1024
-        out[key.strip()] = value
-    return out
-
-
-def process_rss_bytes(status_path: str | os.PathLike[str] = "/proc/self/status") -> int:
-    """Resident set size of this process now (``VmRSS``).
-
-    Without ``/proc`` (not Linux) it falls back to ``getrusage``'s ``ru_maxrss``, which is the
-    peak since the process started, not the current figure.
-    """
-    try:
-        text = Path(status_path).read_text()
-    except OSError:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # darwin: bytes, Linux: kB
-    for line in text.splitlines():
-        if line.startswith("VmRSS:"):
-            parts = line.split()
-            return int(parts[1]) * 1024
-    raise ValueError(f"{status_path}: no VmRSS line")
-
-
-def cuda_allocator() -> dict[str, int] | None:
-    """The PyTorch CUDA caching allocator's figures for the current device, or ``None`` without CUDA."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    return {
-        "allocated_bytes": int(torch.cuda.memory_allocated()),
-        "max_allocated_bytes": int(torch.cuda.max_memory_allocated()),
-        "reserved_bytes": int(torch.cuda.memory_reserved()),
-    }
+# Read when called, so a test can point them at a fake board.
+MEMINFO: str | os.PathLike[str] = "/proc/meminfo"
+TEGRA_RELEASE: str | os.PathLike[str] = "/etc/nv_tegra_release"
 
 
 def is_jetson(
     meminfo: dict[str, int] | None = None,
-    tegra_release_path: str | os.PathLike[str] = "/etc/nv_tegra_release",
+    tegra_release_path: str | os.PathLike[str] | None = None,
 ) -> bool:
     """True on an L4T (Jetson) system: ``/etc/nv_tegra_release`` exists or the kernel reports NvMap."""
-    if Path(tegra_release_path).exists():
+    if Path(TEGRA_RELEASE if tegra_release_path is None else tegra_release_path).exists():
         return True
     return meminfo is not None and "NvMapMemUsed" in meminfo
 
@@ -281,10 +228,13 @@ class MemoryPicture:
 
 
 def memory_picture(
-    meminfo_path: str | os.PathLike[str] = "/proc/meminfo",
+    meminfo_path: str | os.PathLike[str] | None = None,
     status_path: str | os.PathLike[str] = "/proc/self/status",
-    tegra_release_path: str | os.PathLike[str] = "/etc/nv_tegra_release",
+    tegra_release_path: str | os.PathLike[str] | None = None,
 ) -> MemoryPicture:
+    """``meminfo_path`` and ``tegra_release_path`` default to MEMINFO and TEGRA_RELEASE."""
+    meminfo_path = MEMINFO if meminfo_path is None else meminfo_path
+    tegra_release_path = TEGRA_RELEASE if tegra_release_path is None else tegra_release_path
     meminfo = read_meminfo(meminfo_path)
     if "MemTotal" not in meminfo:
         raise ValueError(f"{meminfo_path}: no MemTotal line")
@@ -305,141 +255,17 @@ def memory_picture(
     )
 
 
-@dataclass(frozen=True)
-class MemorySample:
-    """One reading of the sampler; ``t`` is seconds since the sampler was entered."""
-
-    t: float
-    rss_bytes: int
-    cuda_max_allocated_bytes: int | None
-    nvmap_used_bytes: int | None
-
-
-class PeakMemorySampler:
-    """Record the peak memory of a block of code by sampling in a daemon thread.
-
-    >>> with PeakMemorySampler() as s:
-    ...     step()
-    >>> s.peak_rss_bytes, s.peak_cuda_bytes, s.peak_nvmap_bytes
-
-    It samples on entry (the baseline), every ``interval`` seconds, and once more on exit so a
-    step shorter than the interval still gets a figure. With CUDA, the allocator's peak counter is
-    reset on entry (``reset_cuda_peak``) so ``peak_cuda_bytes`` is this block's peak, not the
-    process's. ``NvMapMemUsed`` is system-wide: other processes' GPU buffers count too.
-    """
-
-    def __init__(
-        self,
-        interval: float = 0.05,
-        *,
-        reset_cuda_peak: bool = True,
-        meminfo_path: str | os.PathLike[str] = "/proc/meminfo",
-        status_path: str | os.PathLike[str] = "/proc/self/status",
-    ) -> None:
-        if interval <= 0:
-            raise ValueError(f"interval must be positive, got {interval}")
-        self.interval = interval
-        self.reset_cuda_peak = reset_cuda_peak
-        self._meminfo_path = meminfo_path
-        self._status_path = status_path
-        self.samples: list[MemorySample] = []
-        self.baseline_rss_bytes: int | None = None
-        self.peak_rss_bytes: int | None = None
-        self.peak_cuda_bytes: int | None = None
-        self.peak_nvmap_bytes: int | None = None
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._t0 = 0.0
-        self._cuda = False
-        self._nvmap = False
-
-    @property
-    def peak_rss_delta_bytes(self) -> int | None:
-        """How far RSS rose above the value on entry."""
-        if self.peak_rss_bytes is None or self.baseline_rss_bytes is None:
-            return None
-        return self.peak_rss_bytes - self.baseline_rss_bytes
-
-    def _cuda_max_allocated(self) -> int | None:
-        if not self._cuda:
-            return None
-        import torch
-
-        return int(torch.cuda.max_memory_allocated())
-
-    def _nvmap_used(self) -> int | None:
-        if not self._nvmap:
-            return None
-        try:
-            return read_meminfo(self._meminfo_path).get("NvMapMemUsed")
-        except (OSError, ValueError):
-            return None
-
-    def sample(self) -> MemorySample:
-        """Take one reading now and fold it into the peaks."""
-        s = MemorySample(
-            t=time.monotonic() - self._t0,
-            rss_bytes=process_rss_bytes(self._status_path),
-            cuda_max_allocated_bytes=self._cuda_max_allocated(),
-            nvmap_used_bytes=self._nvmap_used(),
-        )
-        with self._lock:
-            self.samples.append(s)
-            self.peak_rss_bytes = max(self.peak_rss_bytes or 0, s.rss_bytes)
-            if s.cuda_max_allocated_bytes is not None:
-                self.peak_cuda_bytes = max(self.peak_cuda_bytes or 0, s.cuda_max_allocated_bytes)
-            if s.nvmap_used_bytes is not None:
-                self.peak_nvmap_bytes = max(self.peak_nvmap_bytes or 0, s.nvmap_used_bytes)
-        return s
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.sample()
-
-    def __enter__(self) -> PeakMemorySampler:
-        if self._thread is not None:
-            raise RuntimeError("PeakMemorySampler is already running")
-        self.samples = []  # a sampler entered again measures the new block only
-        self.peak_rss_bytes = self.peak_cuda_bytes = self.peak_nvmap_bytes = None
-        self._t0 = time.monotonic()
-        self._cuda = cuda_allocator() is not None
-        if self._cuda and self.reset_cuda_peak:
-            import torch
-
-            torch.cuda.reset_peak_memory_stats()
-        try:
-            self._nvmap = "NvMapMemUsed" in read_meminfo(self._meminfo_path)
-        except (OSError, ValueError):
-            self._nvmap = False
-        self.baseline_rss_bytes = self.sample().rss_bytes
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="peak-memory-sampler", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        self.sample()
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "baseline_rss_bytes": self.baseline_rss_bytes,
-            "peak_rss_bytes": self.peak_rss_bytes,
-            "peak_rss_delta_bytes": self.peak_rss_delta_bytes,
-            "peak_cuda_bytes": self.peak_cuda_bytes,
-            "peak_nvmap_bytes": self.peak_nvmap_bytes,
-            "n_samples": len(self.samples),
-            "interval_s": self.interval,
-        }
+def board_memory() -> dict[str, int | None] | None:
+    """The board's shared memory (CPU and GPU draw on one DRAM) as the kernel counts it, on a
+    Jetson; ``None`` elsewhere, where the machine's RAM is not the board's budget."""
+    try:
+        pic = memory_picture()
+    except (OSError, ValueError):  # no /proc/meminfo (not Linux), or one without MemTotal
+        return None
+    if not pic.is_jetson:
+        return None
+    return {"total_bytes": pic.total_bytes, "available_bytes": pic.available_bytes,
+            "nvmap_used_bytes": pic.nvmap_used_bytes}
 
 
 class TegrastatsReader:
@@ -468,14 +294,24 @@ class TegrastatsReader:
         self.skip_unparsable = skip_unparsable
         self._proc: subprocess.Popen[str] | None = None
 
+    def start(self) -> None:
+        """Start tegrastats now (iterating starts it too, if this was not called)."""
+        if self._proc is None:
+            self._proc = subprocess.Popen(
+                [self.executable, "--interval", str(self.interval_ms)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+
+    def stop(self) -> None:
+        """End tegrastats, leaving its output to whoever iterates (who then sees the end of it)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+
     def __iter__(self) -> Iterator[TegraStats]:
-        self._proc = subprocess.Popen(
-            [self.executable, "--interval", str(self.interval_ms)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        assert self._proc.stdout is not None
+        self.start()
+        assert self._proc is not None and self._proc.stdout is not None
         try:
             for line in self._proc.stdout:
                 if not line.strip():
@@ -512,3 +348,52 @@ class TegrastatsReader:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class TegrastatsPeak:
+    """The highest RAM use and GPU load tegrastats reports while a block runs.
+
+    >>> with TegrastatsPeak() as t:
+    ...     run_the_benchmark()
+    >>> t.ram_used_peak_bytes, t.gr3d_peak_percent
+
+    tegrastats' RAM figure is the board's whole shared DRAM (CPU and GPU), which the process's
+    resident size does not show. Without tegrastats (not a Jetson) nothing runs and the figures
+    stay ``None``.
+    """
+
+    def __init__(self, interval_ms: int = 100, *, executable: str = "tegrastats") -> None:
+        self.ram_used_peak_bytes: int | None = None
+        self.gr3d_peak_percent: int | None = None
+        self.samples = 0
+        try:
+            self._reader: TegrastatsReader | None = TegrastatsReader(interval_ms, executable=executable,
+                                                                     skip_unparsable=True)
+        except RuntimeError:
+            self._reader = None
+        self._thread: threading.Thread | None = None
+
+    def _run(self, lines: Iterator[TegraStats]) -> None:
+        for s in lines:
+            self.samples += 1
+            self.ram_used_peak_bytes = max(self.ram_used_peak_bytes or 0, s.ram_used_bytes)
+            if s.gr3d_percent is not None:
+                self.gr3d_peak_percent = max(self.gr3d_peak_percent or 0, s.gr3d_percent)
+
+    def __enter__(self) -> TegrastatsPeak:
+        if self._reader is not None:
+            lines = iter(self._reader)
+            # Start tegrastats here, not in the thread, so the block is measured from its start.
+            self._reader.start()
+            self._thread = threading.Thread(target=self._run, args=(lines,), name="tegrastats", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._reader is not None and self._thread is not None:
+            self._reader.stop()  # tegrastats ends; the thread reads what is left and returns
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def to_dict(self) -> dict[str, int | None]:
+        return {"tegrastats_ram_peak_bytes": self.ram_used_peak_bytes, "gr3d_peak_percent": self.gr3d_peak_percent}

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from edge_m2kd.config import BACKBONE_NAMES, METHODS, PRETRAINED_DEFAULTS, SNAPSHOT_POLICIES
+from edge_m2kd.config import BACKBONE_NAMES, DEVICES, METHODS, PRETRAINED_DEFAULTS, SNAPSHOT_POLICIES
 from edge_m2kd.errors import UserError
 
 # Set before torch loads (every command imports it lazily, below), since OpenMP reads it once.
@@ -27,6 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Choices come from the library's own tables (config.py imports no torch: --help stays fast).
 METHOD = click.Choice(list(METHODS))
 POLICY = click.Choice(SNAPSHOT_POLICIES)
+DEVICE = click.Choice(DEVICES)
 
 
 class Group(click.Group):
@@ -115,7 +116,7 @@ wait_option = click.option("--wait", is_flag=True,
 @click.option("--method", default="m2kd", show_default=True, type=METHOD)
 @click.option("--memory-budget", default=None, help="a size (2GiB, 512MB) or a board: orin-nano-4gb, orin-nano-8gb, "
               "orin-nx-16gb, agx-orin-32gb, agx-orin-64gb")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--device", default="auto", show_default=True, type=DEVICE)
 @click.option("--epochs", default=None, type=click.IntRange(1), help=f"epochs per step (default {PRETRAINED_DEFAULTS['train']['epochs']} when pretrained, else 30)")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--planned-steps", default=10, show_default=True, type=click.IntRange(1),
@@ -143,7 +144,7 @@ def init(ws: Path, backbone, pretrained, frozen_stages, backbone_lr_scale, lr, i
 @main.command("add-classes")
 @click.argument("ws", type=WS)
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option("--classes", default=None, help="comma-separated class folders to learn (default: every new one)")
+@click.option("--classes", default=None, help="comma-separated class names to learn (default: every new one)")
 @click.option("--epochs", default=None, type=click.IntRange(1))
 @click.option("--batch-size", default=None, type=click.IntRange(1))
 @click.option("--on-corrupt", default="skip", show_default=True, type=click.Choice(["skip", "error"]),
@@ -152,7 +153,8 @@ def init(ws: Path, backbone, pretrained, frozen_stages, backbone_lr_scale, lr, i
 @wait_option
 @click.option("--json", "as_json", is_flag=True)
 def add_classes(ws: Path, data: Path, classes, epochs, batch_size, on_corrupt, sync_bn, wait, as_json) -> None:
-    """Learn the new classes of the image folder DATA (DATA/<class>/*.jpg) and commit the step."""
+    """Learn the new classes in DATA and commit the step. DATA is an image folder (DATA/<class>/*.jpg),
+    the CIFAR-100 python release (cifar-100-python/, its train split) or an .npz (x, y, optional classes)."""
     from tqdm import tqdm
 
     from edge_m2kd.commands import add_classes as run
@@ -195,7 +197,8 @@ def add_classes(ws: Path, data: Path, classes, epochs, batch_size, on_corrupt, s
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True)
 def eval_(ws: Path, data: Path, as_json: bool) -> None:
-    """Accuracy (CNN and NME) per class group and overall on a test folder."""
+    """Accuracy (CNN and NME) per class group and overall on DATA: a test image folder, the
+    CIFAR-100 python release (its test split) or an .npz."""
     from edge_m2kd.commands import evaluate_folder
 
     out = evaluate_folder(ws, data)
@@ -221,7 +224,7 @@ BACKEND = click.Choice(["torch", "onnxruntime", "tensorrt"])
               help="TensorRT engine (default WS/exports/model.plan)")
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="ONNX model (default WS/exports/model.onnx)")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--device", default="auto", show_default=True, type=DEVICE)
 @click.option("--json", "as_json", is_flag=True)
 def predict(ws: Path, images: tuple[str, ...], top_k: int, backend: str, engine, onnx_path, device, as_json) -> None:
     """Class names and scores for each IMAGE, best first."""
@@ -242,7 +245,7 @@ def predict(ws: Path, images: tuple[str, ...], top_k: int, backend: str, engine,
               help="one backend; without it, PyTorch and onnxruntime side by side at batch 1 and 32")
 @click.option("--batch-size", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--iterations", default=30, show_default=True, type=click.IntRange(1))
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--device", default="auto", show_default=True, type=DEVICE)
 @click.option("--json", "as_json", is_flag=True)
 def bench(ws: Path, backend: str | None, batch_size: int, iterations: int, device: str, as_json: bool) -> None:
     """Latency percentiles (p50/p90/p99), images/s after warm-up, and the memory a backend takes."""
@@ -290,6 +293,10 @@ def memory(ws: Path, budget: str | None, new_images: int | None, as_json: bool) 
         verdict = "fits" if out["fits"] else "DOES NOT FIT"
         click.echo(f"budget {_mib(out['budget']).strip()}: {verdict}; largest batch size "
                    f"{nxt['largest_batch_size']}, largest exemplar count {nxt['largest_exemplar_count']}")
+    if out["board"] is not None:
+        b = out["board"]
+        click.echo(f"board memory {_mib(b['total_bytes']).strip()}, available {_mib(b['available_bytes']).strip()}, "
+                   f"NvMap (GPU buffers) {_mib(b['nvmap_used_bytes']).strip()}")
     if "last_step_measured_peak_rss" in out:
         click.echo(f"last step: predicted {_mib(out['last_step_predicted_peak']).strip()}, measured "
                    f"{_mib(out['last_step_measured_peak_rss']).strip()} resident")

@@ -11,15 +11,23 @@ from typing import Any, Literal
 
 import numpy as np
 
-from device.probes import PeakMemorySampler, process_rss_bytes
+from device.probes import board_memory
 from edge_m2kd import distributed, faults
 from edge_m2kd.config import PRETRAINED_DEFAULTS, LearnerConfig, method_config
-from edge_m2kd.data import load_image_folder, train_val_split
-from edge_m2kd.data.sources import ImageSet
+from edge_m2kd.data import train_val_split
+from edge_m2kd.data.sources import ImageSet, load_source, source_classes
 from edge_m2kd.errors import UserError
 from edge_m2kd.evaluation import evaluate
+from edge_m2kd.files import EXPORTS
 from edge_m2kd.learner import Learner, Progress
-from edge_m2kd.memory import largest_batch_that_fits, parse_budget, predict_training_peak, tensor_bytes
+from edge_m2kd.memory import (
+    PeakMemorySampler,
+    largest_batch_that_fits,
+    parse_budget,
+    predict_training_peak,
+    process_rss_bytes,
+    tensor_bytes,
+)
 from edge_m2kd.models.pretrained import check_fits, fetch_pretrained
 from edge_m2kd.snapshots import build_model
 from edge_m2kd.workspace import Workspace
@@ -92,15 +100,6 @@ def _open(path: str | Path) -> tuple[Workspace, Learner]:
 
 
 # -- add-classes ------------------------------------------------------------------------------
-def _folder_classes(data: Path) -> list[str]:
-    if not data.is_dir():
-        raise UserError(f"data directory {str(data)!r} does not exist; give a folder with one subfolder per class")
-    names = sorted(p.name for p in data.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not names:
-        raise UserError(f"data directory {str(data)!r} has no class folders; put each class's images in DATA/<class>/")
-    return names
-
-
 def _teacher_count(cfg: LearnerConfig, t: int) -> int:
     steps = set(range(1, t)) if cfg.loss.multi_model else set()
     if cfg.loss.last_model_all_old and t > 1:
@@ -163,7 +162,7 @@ def _add_classes(ws: Workspace, data: Path, classes: list[str] | None, epochs: i
                  on_corrupt: Literal["skip", "error"], progress: Progress | None,
                  sync_batchnorm: bool) -> dict[str, Any]:
     learner = ws.load_learner()
-    available = _folder_classes(data)
+    available = source_classes(data)
     if classes is None:
         classes = [c for c in available if c not in learner.class_names]
         if not classes:
@@ -178,7 +177,7 @@ def _add_classes(ws: Workspace, data: Path, classes: list[str] | None, epochs: i
     if sync_batchnorm and learner.device.type != "cuda":
         raise UserError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm runs on NCCL); drop it on CPU")
     cfg.train.sync_batchnorm = sync_batchnorm
-    images = load_image_folder(data, cfg.model.input_size, classes, on_corrupt=on_corrupt)
+    images = load_source(data, cfg.model.input_size, classes, "train", on_corrupt)
     train, held_out = train_val_split(images, HOLDOUT_FRACTION, cfg.train.seed)
     del images  # the split holds every image; keep one copy, not two, through the step
     t = learner.steps_done + 1
@@ -244,7 +243,7 @@ def evaluate_folder(path: str | Path, data: str | Path) -> dict[str, Any]:
     ws, learner = _open(path)
     if learner.steps_done == 0:
         raise UserError(f"{path} has learned no classes yet; run `edge-m2kd add-classes` first")
-    names = _folder_classes(Path(data))
+    names = source_classes(data)
     known = [n for n in names if n in learner.class_names]
     if not known:
         raise UserError(f"none of the test classes ({', '.join(names[:5])}) is known to the workspace (it knows "
@@ -252,7 +251,7 @@ def evaluate_folder(path: str | Path, data: str | Path) -> dict[str, Any]:
     if len(known) < len(names):
         warnings.warn(f"skipped test classes the workspace has not learned: {', '.join(n for n in names if n not in known)}",
                       stacklevel=2)
-    test = load_image_folder(data, learner.cfg.model.input_size, known)
+    test = load_source(data, learner.cfg.model.input_size, known, "test")
     ev = evaluate(learner, test)
     return {"classes": learner.class_names, "groups": [[learner.class_names[c] for c in g] for g in learner.groups],
             **ev.to_dict()}
@@ -298,6 +297,7 @@ def memory_report(path: str | Path, budget: str | None = None, new_images: int |
         "exported_engine": _export_bytes(ws.path),
         "next_step": {"new_images": n_new, "batch_size": cfg.train.batch_size, "predicted_peak": peak},
         "budget": budget_bytes,
+        "board": board_memory(),  # None off a Jetson
     }
     report["stored_total"] = weights + report["snapshots_total"] + report["exemplars"] + (report["exported_engine"] or 0)
     if budget_bytes is not None:
@@ -313,7 +313,7 @@ def memory_report(path: str | Path, budget: str | None = None, new_images: int |
 
 
 def _export_bytes(ws_path: Path) -> int | None:
-    exports = ws_path / "exports"
+    exports = ws_path / EXPORTS
     files = [p for p in exports.glob("*") if p.is_file()] if exports.is_dir() else []
     return sum(p.stat().st_size for p in files) or None
 

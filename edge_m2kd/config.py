@@ -10,6 +10,8 @@ from typing import Any, Literal, get_args
 SnapshotPolicy = Literal["full", "packed", "sparse"]
 # The names snapshots.POLICIES implements, importable without torch (the CLI's choices).
 SNAPSHOT_POLICIES: tuple[str, ...] = get_args(SnapshotPolicy)
+# Where a step trains and a predictor runs; "cuda:N" names one GPU (learner.resolve_device).
+DEVICES = ("auto", "cpu", "cuda")
 Backbone = Literal["resnet20", "resnet32", "resnet18", "mobilenetv2"]  # models/backbones.py builds them
 BACKBONE_NAMES: tuple[str, ...] = get_args(Backbone)
 BiasCorrection = Literal["weight_aligning", "balanced_finetune", "none"]

@@ -35,10 +35,6 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def is_main() -> bool:
-    return world()[0] == 0
-
-
 def barrier() -> None:
     if world()[1] > 1:
         dist.barrier()

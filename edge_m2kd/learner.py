@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from edge_m2kd import distributed, faults
-from edge_m2kd.config import IMAGE_MEAN, IMAGE_STD, LearnerConfig
+from edge_m2kd.config import DEVICES, IMAGE_MEAN, IMAGE_STD, LearnerConfig
 from edge_m2kd.data.augment import random_crop_flip
 from edge_m2kd.data.sources import ImageSet
 from edge_m2kd.errors import UserError
@@ -46,6 +46,9 @@ class StepReport:
 
 
 def resolve_device(device: str) -> torch.device:
+    """The torch device for a config's or a command's device name (one of DEVICES, or cuda:N)."""
+    if device not in DEVICES and not device.startswith("cuda:"):
+        raise UserError(f"unknown device {device!r}; choose auto, cpu or cuda")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():

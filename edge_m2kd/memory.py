@@ -9,9 +9,16 @@ configured batch size.
 from __future__ import annotations
 
 import copy
+import os
 import re
+import resource
+import sys
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -130,3 +137,187 @@ def largest_batch_that_fits(peak_at: Callable[[int], int], budget: int, upper: i
     slope = max(p2 - p1, 1)
     return int(min(upper, 1 + (budget - p1) // slope))
 
+
+
+# -- measuring: the process's resident size, the kernel's meminfo, the CUDA allocator ------------
+# They live in the core, not in device/, because a step measures its own peak (commands.add_classes)
+# and the core imports nothing from device/; device/probes.py builds the board's picture on them.
+
+
+def read_meminfo(path: str | os.PathLike[str] = "/proc/meminfo") -> dict[str, int]:
+    """``/proc/meminfo`` as bytes (``kB`` values times 1024); unitless counts (HugePages_*) as is.
+
+    On a Jetson this includes ``NvMapMemUsed`` / ``NvMapMemFree``.
+    """
+    out: dict[str, int] = {}
+    for lineno, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        key, sep, rest = line.partition(":")
+        parts = rest.split()
+        if not sep or not parts or not parts[0].isdigit() or len(parts) > 2:
+            raise ValueError(f"{path}:{lineno}: unreadable meminfo line {line!r}")
+        value = int(parts[0])
+        if len(parts) == 2:
+            if parts[1] != "kB":
+                raise ValueError(f"{path}:{lineno}: unexpected unit {parts[1]!r} in {line!r}")
+            value *= 1024
+        out[key.strip()] = value
+    return out
+
+
+def process_rss_bytes(status_path: str | os.PathLike[str] = "/proc/self/status") -> int:
+    """Resident set size of this process now (``VmRSS``).
+
+    Without ``/proc`` (not Linux) it falls back to ``getrusage``'s ``ru_maxrss``, which is the
+    peak since the process started, not the current figure.
+    """
+    try:
+        text = Path(status_path).read_text()
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # darwin: bytes, Linux: kB
+    for line in text.splitlines():
+        if line.startswith("VmRSS:"):
+            parts = line.split()
+            return int(parts[1]) * 1024
+    raise ValueError(f"{status_path}: no VmRSS line")
+
+
+def cuda_allocator() -> dict[str, int] | None:
+    """The PyTorch CUDA caching allocator's figures for the current device, or ``None`` without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    return {
+        "allocated_bytes": int(torch.cuda.memory_allocated()),
+        "max_allocated_bytes": int(torch.cuda.max_memory_allocated()),
+        "reserved_bytes": int(torch.cuda.memory_reserved()),
+    }
+
+
+@dataclass(frozen=True)
+class MemorySample:
+    """One reading of the sampler; ``t`` is seconds since the sampler was entered."""
+
+    t: float
+    rss_bytes: int
+    cuda_max_allocated_bytes: int | None
+    nvmap_used_bytes: int | None
+
+
+class PeakMemorySampler:
+    """Record the peak memory of a block of code by sampling in a daemon thread.
+
+    >>> with PeakMemorySampler() as s:
+    ...     step()
+    >>> s.peak_rss_bytes, s.peak_cuda_bytes, s.peak_nvmap_bytes
+
+    It samples on entry (the baseline), every ``interval`` seconds, and once more on exit so a
+    step shorter than the interval still gets a figure. With CUDA, the allocator's peak counter is
+    reset on entry (``reset_cuda_peak``) so ``peak_cuda_bytes`` is this block's peak, not the
+    process's. ``NvMapMemUsed`` is system-wide: other processes' GPU buffers count too.
+    """
+
+    def __init__(
+        self,
+        interval: float = 0.05,
+        *,
+        reset_cuda_peak: bool = True,
+        meminfo_path: str | os.PathLike[str] = "/proc/meminfo",
+        status_path: str | os.PathLike[str] = "/proc/self/status",
+    ) -> None:
+        if interval <= 0:
+            raise ValueError(f"interval must be positive, got {interval}")
+        self.interval = interval
+        self.reset_cuda_peak = reset_cuda_peak
+        self._meminfo_path = meminfo_path
+        self._status_path = status_path
+        self.samples: list[MemorySample] = []
+        self.baseline_rss_bytes: int | None = None
+        self.peak_rss_bytes: int | None = None
+        self.peak_cuda_bytes: int | None = None
+        self.peak_nvmap_bytes: int | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._t0 = 0.0
+        self._cuda = False
+        self._nvmap = False
+
+    @property
+    def peak_rss_delta_bytes(self) -> int | None:
+        """How far RSS rose above the value on entry."""
+        if self.peak_rss_bytes is None or self.baseline_rss_bytes is None:
+            return None
+        return self.peak_rss_bytes - self.baseline_rss_bytes
+
+    def _cuda_max_allocated(self) -> int | None:
+        if not self._cuda:
+            return None
+        return int(torch.cuda.max_memory_allocated())
+
+    def _nvmap_used(self) -> int | None:
+        if not self._nvmap:
+            return None
+        try:
+            return read_meminfo(self._meminfo_path).get("NvMapMemUsed")
+        except (OSError, ValueError):
+            return None
+
+    def sample(self) -> MemorySample:
+        """Take one reading now and fold it into the peaks."""
+        s = MemorySample(
+            t=time.monotonic() - self._t0,
+            rss_bytes=process_rss_bytes(self._status_path),
+            cuda_max_allocated_bytes=self._cuda_max_allocated(),
+            nvmap_used_bytes=self._nvmap_used(),
+        )
+        with self._lock:
+            self.samples.append(s)
+            self.peak_rss_bytes = max(self.peak_rss_bytes or 0, s.rss_bytes)
+            if s.cuda_max_allocated_bytes is not None:
+                self.peak_cuda_bytes = max(self.peak_cuda_bytes or 0, s.cuda_max_allocated_bytes)
+            if s.nvmap_used_bytes is not None:
+                self.peak_nvmap_bytes = max(self.peak_nvmap_bytes or 0, s.nvmap_used_bytes)
+        return s
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> PeakMemorySampler:
+        if self._thread is not None:
+            raise RuntimeError("PeakMemorySampler is already running")
+        self.samples = []  # a sampler entered again measures the new block only
+        self.peak_rss_bytes = self.peak_cuda_bytes = self.peak_nvmap_bytes = None
+        self._t0 = time.monotonic()
+        self._cuda = cuda_allocator() is not None
+        if self._cuda and self.reset_cuda_peak:
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            self._nvmap = "NvMapMemUsed" in read_meminfo(self._meminfo_path)
+        except (OSError, ValueError):
+            self._nvmap = False
+        self.baseline_rss_bytes = self.sample().rss_bytes
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="peak-memory-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.sample()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "baseline_rss_bytes": self.baseline_rss_bytes,
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "peak_rss_delta_bytes": self.peak_rss_delta_bytes,
+            "peak_cuda_bytes": self.peak_cuda_bytes,
+            "peak_nvmap_bytes": self.peak_nvmap_bytes,
+            "n_samples": len(self.samples),
+            "interval_s": self.interval,
+        }

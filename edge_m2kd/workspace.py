@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from edge_m2kd import faults
 from edge_m2kd.config import LearnerConfig
 from edge_m2kd.errors import UserError
+from edge_m2kd.files import fsync_dir, fsync_file, write_json_atomic
 from edge_m2kd.hashing import sha256
 from edge_m2kd.learner import Learner
 from edge_m2kd.locking import LOCK_FILES, no_readers, reading, writer_lock
@@ -42,35 +42,6 @@ FORMAT_VERSION = 1
 MANIFEST = "workspace.json"
 GENERATIONS = "generations"
 FILES = ("model.safetensors", "snapshots.safetensors", "exemplars.safetensors", "holdout.safetensors")
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def replace_json(path: Path, obj: Any) -> None:
-    """Write a fsynced temporary file, then rename it over `path`: a reader sees the old file
-    or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    replace_json(path, obj)
-    fsync_dir(path.parent)  # the rename survives a power cut only once its directory is synced
 
 
 def _reason(e: Exception) -> str:
@@ -171,7 +142,9 @@ class Workspace:
             for child in gens.iterdir() if gens.is_dir() else []:
                 if child.name != current:
                     shutil.rmtree(child, ignore_errors=True)
-            (self.path / (MANIFEST + ".tmp")).unlink(missing_ok=True)
+            # a manifest staged by a writer that died before its rename
+            for tmp in [self.path / (MANIFEST + ".tmp"), *self.path.glob(f".{MANIFEST}.*.tmp")]:
+                tmp.unlink(missing_ok=True)
 
     def _follow_newer_commit(self) -> None:
         """Called under the readers lock. Since `open`, a writer may have committed a newer
@@ -269,7 +242,8 @@ class Workspace:
                 snapshots=snap_meta,
                 history=[*self.manifest["history"], history_entry],
             )
-            replace_json(self.path / MANIFEST, manifest)
+            # The directory is synced below: a failure there comes after the switch.
+            write_json_atomic(self.path / MANIFEST, manifest, sync_dir=False)
         except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
             shutil.rmtree(gen, ignore_errors=True)
             raise _disk_error(e, f"step {self.steps + 1} to {self.path}") from e

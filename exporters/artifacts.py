@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import tempfile
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -21,6 +20,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import IO, Any
 
+from edge_m2kd import files
 from edge_m2kd.errors import UserError
 
 METADATA_FORMAT = "edge-m2kd-export"
@@ -34,20 +34,6 @@ def sha256_bytes(data: bytes) -> str:
 def metadata_path(artifact: str | Path) -> Path:
     artifact = Path(artifact)
     return artifact.with_name(artifact.name + ".json")
-
-
-def _fsync_dir(path: Path) -> None:
-    # A rename is only durable once the directory entry is on disk (power cuts happen on boards).
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems (and Windows) cannot open directories; nothing to sync
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def prepare_output(path: str | Path, what: str) -> Path:
@@ -72,25 +58,17 @@ def staged_file(path: str | Path, what: str) -> Iterator[tuple[Path, IO[bytes]]]
     """A temporary file beside ``path`` that the caller fills and later publishes with
     :func:`publish`; removed if the block raises, so a refused export leaves nothing behind."""
     path = Path(path)
+    tmp = None
     try:
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise UserError(f"cannot write the {what} to {path}: {e.strerror or e}; choose another path") from e
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
+        with files.staged(path) as (tmp, f):
             yield tmp, f
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    except OSError as e:
+        if tmp is not None:  # raised by the caller's block, not by staging: not ours to reword
+            raise
+        raise UserError(f"cannot write the {what} to {path}: {e.strerror or e}; choose another path") from e
 
 
-def publish(tmp: Path, path: Path) -> None:
-    """Rename a fully written temporary file onto its final name (atomic on one filesystem)."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+publish = files.publish  # rename a fully written temporary file onto its final name, durably
 
 
 def write_bytes_atomic(path: str | Path, data: bytes, what: str) -> Path:

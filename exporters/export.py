@@ -20,6 +20,7 @@ from torch import nn
 
 from edge_m2kd.config import IMAGE_MEAN, IMAGE_STD
 from edge_m2kd.errors import UserError
+from edge_m2kd.files import default_onnx_path
 from exporters import preflight as _preflight
 from exporters.artifacts import (
     prepare_output,
@@ -48,6 +49,7 @@ from exporters.tensorrt_build import (
     EngineBuild,
     build_engine,
     check_precision,
+    default_cache_dir,
     require_tensorrt,
 )
 
@@ -162,14 +164,6 @@ def export_model(
     meta_path = write_metadata(onnx_path, meta)
     checks = {t: [str(p) for p in _preflight.preflight(data, t)] for t in PREFLIGHT_TARGETS}
     return OnnxExportResult(onnx_path, meta_path, model_hash, report, passed, checks)
-
-
-def default_onnx_path(ws_path: str | Path) -> Path:
-    return Path(ws_path) / "exports" / "model.onnx"
-
-
-def default_cache_dir(ws_path: str | Path) -> Path:
-    return Path(ws_path) / "exports" / "engine-cache"
 
 
 def export_workspace(

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edge_m2kd.data.sources import check_images
 from edge_m2kd.errors import UserError
 from edge_m2kd.preprocess import to_unit
 from exporters.onnx_export import INPUT_NAME
@@ -59,17 +60,11 @@ def select_probe(
         rng = np.random.default_rng(seed)
         n = min(max_samples, RANDOM_PROBE_SAMPLES)
         return rng.integers(0, 256, (n, input_size, input_size, 3), dtype=np.uint8), "random"
-    check_images(images, input_size)
+    check_images(images, input_size, "probe images", "they must match the model's input size")
     if len(images) > max_samples:
         idx = np.unique(np.linspace(0, len(images) - 1, max_samples).round().astype(np.int64))
         images = images[idx]
     return np.ascontiguousarray(images), source
-
-
-def check_images(images: np.ndarray, input_size: int) -> None:
-    if images.ndim != 4 or images.shape[1:] != (input_size, input_size, 3) or images.dtype != np.uint8:
-        raise UserError(f"probe images are {images.dtype} {tuple(images.shape)}, expected uint8 "
-                        f"(N, {input_size}, {input_size}, 3) RGB; they must match the model's input size")
 
 
 def _cycled_batches(n: int, batch_size: int) -> Iterator[np.ndarray]:

@@ -40,6 +40,7 @@ import numpy as np
 import onnx
 
 from edge_m2kd.errors import UserError
+from edge_m2kd.files import EXPORTS
 from edge_m2kd.preprocess import to_unit
 from exporters import preflight as _preflight
 from exporters.artifacts import (
@@ -133,7 +134,11 @@ def gpu_name() -> str:
 
 
 # -- engine cache ----------------------------------------------------------------------------
-def default_cache_dir() -> Path:
+def default_cache_dir(ws: str | Path | None = None) -> Path:
+    """A workspace's engines are cached inside it (they go where the workspace goes); an engine
+    built from a bare ONNX file goes to $EDGE_M2KD_ENGINE_CACHE, else the user's cache."""
+    if ws is not None:
+        return Path(ws) / EXPORTS / "engine-cache"
     if os.environ.get("EDGE_M2KD_ENGINE_CACHE"):
         return Path(os.environ["EDGE_M2KD_ENGINE_CACHE"])
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")

@@ -8,6 +8,7 @@ stream, no read of a host buffer before the stream is synchronised)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import types
@@ -338,6 +339,20 @@ def test_compare_backends_reports_percentiles_throughput_and_memory(ws):
     table = dbench.format_comparison(rows)
     assert "torch images/s" in table and "onnxruntime images/s" in table and "onnxruntime/torch" in table
     assert len(table.splitlines()) == 5  # header, rule, batch 1, batch 4, footnote
+
+
+def test_bench_reports_tegrastats_on_a_jetson(ws, tmp_path, monkeypatch):
+    # A stand-in tegrastats on PATH, as on a board: its RAM figure is the whole shared DRAM. It
+    # ignores SIGTERM, so it prints both lines however soon the benchmark ends.
+    script = tmp_path / "tegrastats"
+    script.write_text("#!/bin/sh\ntrap '' TERM\necho 'RAM 3150/7620MB (lfb 37x4MB) SWAP 0/3810MB GR3D_FREQ 37%'\n"
+                      "echo 'RAM 3201/7620MB (lfb 37x4MB) SWAP 0/3810MB GR3D_FREQ 12%'\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ.get('PATH', '')}")
+    row = dbench.bench(ws, "torch", 1, iterations=2, warmup=0, device="cpu")
+    assert row["memory"]["tegrastats_ram_peak_bytes"] == 3201 * 2**20
+    assert row["memory"]["gr3d_peak_percent"] == 37
+    assert "board RAM peak MiB" in dbench.format_rows([row]).splitlines()[0]
 
 
 def test_bench_tensorrt_through_the_simulator(ws, tmp_path, monkeypatch):

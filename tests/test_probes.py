@@ -1,4 +1,5 @@
-"""Tests for device/probes.py: tegrastats parsing, meminfo, the peak sampler, the tegrastats reader.
+"""Tests for device/probes.py (tegrastats parsing, the memory picture, the tegrastats reader) and for
+edge_m2kd/memory.py's measuring half (meminfo, resident size, the peak sampler).
 
 The tegrastats lines below are real output copied from public sources (cited above each); none
 of them was produced on a board in this project.
@@ -16,18 +17,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from device import probes
 from device.probes import (
     MemoryPicture,
-    PeakMemorySampler,
     TegraStats,
+    TegrastatsPeak,
     TegrastatsReader,
-    cuda_allocator,
+    board_memory,
     is_jetson,
     memory_picture,
     parse_tegrastats,
-    process_rss_bytes,
-    read_meminfo,
 )
+from edge_m2kd.memory import PeakMemorySampler, cuda_allocator, process_rss_bytes, read_meminfo
 
 MiB = 1024**2
 KiB = 1024
@@ -503,3 +504,44 @@ def test_sampler_entered_again_measures_only_the_new_block():
     assert len(s.samples) == 2  # entry + exit of the second block; the first block's are gone
     with s, pytest.raises(RuntimeError, match="already running"):
         s.__enter__()
+
+
+# --- what `memory` and `bench` get from the board's probes --------------------------------------
+
+
+def _fake_tegrastats(folder: Path, monkeypatch) -> None:
+    script = folder / "tegrastats"
+    # It ignores SIGTERM so a block shorter than its start-up still gets both lines (a real
+    # tegrastats prints until it is stopped; this one prints two and exits).
+    script.write_text(f"#!/bin/sh\ntrap '' TERM\necho '{JP6_ORIN_NANO}'\necho '{JP5_ORIN_NX}'\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="uses a shell script as a fake tegrastats")
+def test_tegrastats_peak_keeps_the_highest_figures(tmp_path, monkeypatch):
+    _fake_tegrastats(tmp_path, monkeypatch)
+    with TegrastatsPeak(interval_ms=100) as t:
+        pass
+    assert t.samples == 2 and t.ram_used_peak_bytes == 6334 * MiB
+    assert t.gr3d_peak_percent == 0  # both lines: GR3D_FREQ 0%
+
+
+def test_tegrastats_peak_off_a_jetson_is_none(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with TegrastatsPeak() as t:
+        pass
+    assert t.to_dict() == {"tegrastats_ram_peak_bytes": None, "gr3d_peak_percent": None}
+
+
+def test_board_memory_only_on_a_jetson(tmp_path, monkeypatch):
+    monkeypatch.setattr(probes, "TEGRA_RELEASE", tmp_path / "no-nv_tegra_release")
+    monkeypatch.setattr(probes, "MEMINFO", _write(tmp_path, "meminfo", PC_MEMINFO))
+    assert board_memory() is None  # a PC's RAM is not the board's
+    monkeypatch.setattr(probes, "MEMINFO", _write(tmp_path, "meminfo-jetson", JETSON_MEMINFO))
+    got = board_memory()
+    want = read_meminfo(probes.MEMINFO)
+    assert got == {"total_bytes": want["MemTotal"], "available_bytes": want["MemAvailable"],
+                   "nvmap_used_bytes": want["NvMapMemUsed"]}
+    monkeypatch.setattr(probes, "MEMINFO", tmp_path / "no-meminfo")  # not Linux
+    assert board_memory() is None

@@ -1,6 +1,7 @@
 """The project's static checks run with the tests, so CI's one test command runs them too:
 ruff over the tree, and mypy over the TensorRT-facing code against TensorRT's stubs."""
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -22,3 +23,36 @@ def test_mypy_against_tensorrt_stubs():
     proc = subprocess.run([sys.executable, "scripts/typecheck.py"], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+
+# The core may be imported by device/, exporters/ and the CLI; the reverse would tie the learner to
+# a runtime (TensorRT, onnxruntime) it does not need. Only these three modules sit above both.
+ABOVE_THE_CORE = {"cli.py", "commands.py", "demo.py"}
+UPWARD = ("device", "exporters")
+
+
+def _upward_imports(source: str) -> list[tuple[int, str]]:
+    """Every import of device/ or exporters/ in a module, including those inside functions."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        found += [(node.lineno, n) for n in names if n.split(".")[0] in UPWARD]
+    return found
+
+
+def test_upward_import_is_seen_even_inside_a_function():
+    assert _upward_imports("def f():\n    from device.probes import x\n") == [(2, "device.probes")]
+    assert _upward_imports("import exporters.onnx_export as e\nimport devices\n") == [(1, "exporters.onnx_export")]
+
+
+def test_core_imports_nothing_from_device_or_exporters():
+    core = [p for p in sorted((ROOT / "edge_m2kd").rglob("*.py"))
+            if not (p.parent.name == "edge_m2kd" and p.name in ABOVE_THE_CORE)]
+    assert len(core) > 20  # the walk found the package
+    bad = [f"{p.relative_to(ROOT)}:{line}: {name}" for p in core for line, name in _upward_imports(p.read_text())]
+    assert not bad, "the core imports upward:\n" + "\n".join(bad)

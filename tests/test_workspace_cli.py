@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import resource
 import shutil
 import subprocess
@@ -392,3 +393,80 @@ def test_the_cli_sets_a_passive_openmp_wait_policy_before_torch_loads():
     out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
                          capture_output=True, text=True, check=True).stdout
     assert out.split() == ["ACTIVE", "False"]  # a user's own setting wins
+
+
+# -- DATA as a CIFAR-100 release or an .npz ----------------------------------------------------------
+def _digit_arrays(split: str, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """Digits 0..4 (the classes the image folders hold), `per_class` each, at 16 px."""
+    data = load_digits(split, size=16)
+    keep = np.concatenate([np.flatnonzero(data.labels == c)[:per_class] for c in range(5)])
+    return data.images[keep], data.labels[keep]
+
+
+def _cifar100_release(root: Path, images: np.ndarray, labels: np.ndarray, names: list[str]) -> Path:
+    """A tiny `cifar-100-python` folder with the release's structure: pickled dicts of bytes keys,
+    channel-planar uint8 rows of 3072 values (so the images are 32 px), names in `meta`."""
+    root.mkdir(parents=True)
+    big = np.stack([np.asarray(Image.fromarray(img).resize((32, 32))) for img in images])
+    planar = big.transpose(0, 3, 1, 2).reshape(len(big), 3072)
+    for split in ("train", "test"):
+        with open(root / split, "wb") as fh:
+            pickle.dump({b"data": planar, b"fine_labels": [int(x) for x in labels],
+                         b"coarse_labels": [0] * len(labels)}, fh, protocol=2)
+    with open(root / "meta", "wb") as fh:
+        pickle.dump({b"fine_label_names": [n.encode() for n in names]}, fh, protocol=2)
+    return root
+
+
+def test_add_classes_from_a_cifar100_release(tmp_path, folders):
+    names = ["apple", "bicycle", "castle", "dolphin", "elephant"]
+    release = _cifar100_release(tmp_path / "cifar-100-python", *_digit_arrays("train", 40), names)
+    ws = tmp_path / "ws"
+    assert cli("init", ws, *INIT)[0] == 0
+    # the folder the tarball was extracted into works too; class names come from `meta`
+    code, out, err = cli("add-classes", ws, tmp_path, "--classes", "apple,bicycle", "--json")
+    assert code == 0, err
+    assert json.loads(out)["classes"] == ["apple", "bicycle"] and json.loads(out)["train_images"] == 72
+    code, out, err = cli("eval", ws, release, "--json")  # the test split
+    assert code == 0, err
+    assert json.loads(out)["classes"] == ["apple", "bicycle"]
+    code, _, err = cli("add-classes", ws, release, "--classes", "zebra")
+    assert code == 2 and "unknown class 'zebra'" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_add_classes_from_an_npz(tmp_path):
+    x, y = _digit_arrays("train", 40)
+    npz = tmp_path / "digits.npz"
+    np.savez(npz, x=x, y=y)  # no `classes` array: the names are the labels, "0".."4"
+    ws = tmp_path / "ws"
+    assert cli("init", ws, *INIT)[0] == 0
+    code, out, err = cli("add-classes", ws, npz, "--classes", "0,1", "--json")
+    assert code == 0, err
+    assert json.loads(out)["classes"] == ["0", "1"]
+    assert Workspace.open(ws).steps == 1
+
+    np.savez(tmp_path / "bad.npz", x=x.astype(np.float32), y=y)
+    code, _, err = cli("add-classes", ws, tmp_path / "bad.npz")
+    assert code == 2 and "expected uint8" in err and len(err.strip().splitlines()) == 1, err
+    (tmp_path / "notes.txt").write_text("not data")
+    code, _, err = cli("add-classes", ws, tmp_path / "notes.txt")
+    assert code == 2 and "is a file" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_memory_reports_the_boards_figures_on_a_jetson(ws, tmp_path, monkeypatch):
+    from device import probes
+
+    kib = 1024
+    (tmp_path / "meminfo").write_text("MemTotal:        8038788 kB\nMemFree:         4851052 kB\n"
+                                      "MemAvailable:    5642288 kB\nNvMapMemUsed:     805068 kB\n")
+    monkeypatch.setattr(probes, "MEMINFO", tmp_path / "meminfo")
+    # NvMapMemUsed alone says Jetson; no /etc/nv_tegra_release, so a real board runs this test the same
+    monkeypatch.setattr(probes, "TEGRA_RELEASE", tmp_path / "no-nv_tegra_release")
+    code, out, _ = cli("memory", ws, "--json")
+    assert code == 0 and json.loads(out)["board"] == {
+        "total_bytes": 8038788 * kib, "available_bytes": 5642288 * kib, "nvmap_used_bytes": 805068 * kib}
+    code, out, _ = cli("memory", ws)
+    assert code == 0 and "board memory 7850.38 MiB, available 5510.05 MiB, NvMap (GPU buffers) 786.20 MiB" in out, out
+    (tmp_path / "meminfo").write_text("MemTotal:       16318480 kB\nMemAvailable:    9264520 kB\n")  # a PC
+    code, out, _ = cli("memory", ws, "--json")
+    assert code == 0 and json.loads(out)["board"] is None

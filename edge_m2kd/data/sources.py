@@ -109,6 +109,17 @@ class ImageSet:
         return self.subset(np.isin(self.labels, wanted))
 
 
+def check_images(images: np.ndarray, size: int | tuple[int, int], what: str = "images", hint: str = "") -> np.ndarray:
+    """uint8 RGB (N, H, W, 3) at a model's input size (`size` square, or (H, W)), or a UserError
+    saying what arrived instead; `hint` says how to get it right."""
+    h, w = (size, size) if isinstance(size, int) else size
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or \
+            images.shape[1:] != (h, w, 3):
+        got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, np.ndarray) else type(images).__name__
+        raise UserError(f"{what}: expected uint8 RGB of shape (N, {h}, {w}, 3), got {got}" + (f"; {hint}" if hint else ""))
+    return images
+
+
 # ----------------------------------------------------------------------------- ImageFolder
 
 # Files bigger than this are decode-bound: PIL's C decoders release the GIL, so threads pay off.
@@ -392,10 +403,8 @@ def load_cifar100(root: str | Path, split: Literal["train", "test"]) -> ImageSet
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    root = Path(root)
     # Users often point at the folder they extracted the tarball into; accept that too.
-    if not (root / "meta").exists() and (root / "cifar-100-python" / "meta").exists():
-        root = root / "cifar-100-python"
+    root = _cifar100_root(Path(root)) or Path(root)
     for name in (split, "meta"):
         if not (root / name).is_file():
             raise UserError(
@@ -493,6 +502,63 @@ def load_npz(path: str | Path) -> ImageSet:
                 f"{_q(path)}: y has label {int(y.max())} but classes lists only {len(names)} names"
             )
     return ImageSet(np.ascontiguousarray(x), y.astype(np.int64), names)
+
+
+# ----------------------------------------------------------------------------- DATA, as the CLI takes it
+# `add-classes` and `eval` take DATA in any of the three forms a user is likely to have: an image
+# folder (DATA/<class>/*.jpg), the CIFAR-100 python release, or an .npz of arrays.
+
+
+def _cifar100_root(path: Path) -> Path | None:
+    """The release folder (holding train, test and meta) at or just below `path`, or None."""
+    for root in (path, path / "cifar-100-python"):
+        if (root / "meta").is_file():
+            return root
+    return None
+
+
+def source_classes(data: str | Path) -> list[str]:
+    """The class names DATA offers, read before any image is decoded where the format allows:
+    sub-folder names, the release's meta file, an .npz's `classes` (or 0..K-1)."""
+    data = Path(data)
+    if data.suffix == ".npz":
+        return load_npz(data).class_names
+    cifar = _cifar100_root(data) if data.is_dir() else None
+    if cifar is not None:
+        meta = _restricted_load(cifar / "meta")
+        return [n.decode("utf-8") if isinstance(n, bytes) else str(n)
+                for n in _get(meta, "fine_label_names", cifar / "meta")]
+    if data.is_file():
+        raise UserError(f"{_q(data)} is a file; give an image folder (DATA/<class>/*.jpg), a cifar-100-python "
+                        "folder or an .npz file")
+    if not data.is_dir():
+        raise UserError(f"data directory {_q(data)} does not exist; give a folder with one subfolder per class")
+    names = sorted(p.name for p in data.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not names:
+        raise UserError(f"data directory {_q(data)} has no class folders; put each class's images in DATA/<class>/")
+    return names
+
+
+def load_source(data: str | Path, size: int, classes: list[str], split: Literal["train", "test"] = "train",
+                on_corrupt: Literal["skip", "error"] = "skip") -> ImageSet:
+    """The images of `classes` in DATA at size x size. `split` picks the release's train or test
+    file; an image folder or an .npz is one split already."""
+    data = Path(data)
+    cifar = _cifar100_root(data) if data.is_dir() else None
+    if data.suffix != ".npz" and cifar is None:
+        return load_image_folder(data, size, classes, on_corrupt=on_corrupt)
+    whole = load_npz(data) if cifar is None else load_cifar100(cifar, split)
+    chosen = whole.only_classes(classes)
+    del whole  # the release holds 50,000 images; keep only the chosen classes'
+    return ImageSet(_resized(chosen.images, size), chosen.labels, chosen.class_names)
+
+
+def _resized(images: np.ndarray, size: int) -> np.ndarray:
+    """Arrays resized as image folders are (PIL bilinear, aspect ratio not kept)."""
+    if images.shape[1:3] == (size, size):
+        return images
+    return np.stack([np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR))
+                     for img in images]) if len(images) else np.zeros((0, size, size, 3), np.uint8)
 
 
 # ----------------------------------------------------------------------------- digits
