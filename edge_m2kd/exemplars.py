@@ -17,6 +17,15 @@ from edge_m2kd.errors import UserError
 Embed = Callable[[np.ndarray], torch.Tensor]  # uint8 NHWC images -> features (N, D)
 
 
+def class_arrays(per_class: dict[int, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Images per class id as safetensors-ready tensors ("class.<id>"), and back."""
+    return {f"class.{c}": torch.from_numpy(np.ascontiguousarray(v)) for c, v in per_class.items()}
+
+
+def from_class_arrays(tensors: dict[str, torch.Tensor]) -> dict[int, np.ndarray]:
+    return {int(k.split(".")[1]): v.numpy() for k, v in tensors.items()}
+
+
 def herding(features: torch.Tensor, m: int) -> list[int]:
     """Indices of m samples whose running mean best approaches the class mean, in order.
 
@@ -86,6 +95,12 @@ class ExemplarMemory:
             return None
         means = [F.normalize(embed(self.images[c]), dim=1).mean(dim=0) for c in range(n_classes)]
         return F.normalize(torch.stack(means), dim=1)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return class_arrays(self.images)
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.images = from_class_arrays(tensors)
 
     @property
     def nbytes(self) -> int:

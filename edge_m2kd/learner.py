@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -90,6 +90,35 @@ class Learner:
     @property
     def steps_done(self) -> int:
         return len(self.groups)
+
+    # -- state: what a workspace stores ---------------------------------------------------------
+    def state(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+        """Tensors per part ("model", "snapshots", "exemplars"; safetensors-ready) and JSON
+        metadata (the class registry, the snapshot store's own)."""
+        model_t = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        if self.class_means is not None:
+            model_t["class_means"] = self.class_means.detach().cpu().contiguous()
+        snap_t, snap_meta = self.store.state()
+        classes = [{"name": n, "id": i, "step": self.step_of(n)} for i, n in enumerate(self.class_names)]
+        return ({"model": model_t, "snapshots": snap_t, "exemplars": self.memory.state()},
+                {"classes": classes, "snapshots": snap_meta})
+
+    @classmethod
+    def from_state(cls, cfg: LearnerConfig, tensors: dict[str, dict[str, torch.Tensor]],
+                   meta: dict[str, Any]) -> Learner:
+        learner = cls(cfg)
+        classes = meta["classes"]
+        learner.class_names = [c["name"] for c in classes]
+        steps = max((c["step"] for c in classes), default=0)
+        learner.groups = [[c["id"] for c in classes if c["step"] == k] for k in range(1, steps + 1)]
+        model_t = dict(tensors["model"])
+        learner.class_means = model_t.pop("class_means", None)
+        learner.model.add_classes(len(learner.class_names))
+        learner.model.load_state_dict(model_t)
+        learner.model.to(learner.device)
+        learner.store.load(tensors["snapshots"], meta["snapshots"], learner.model)
+        learner.memory.load(tensors["exemplars"])
+        return learner
 
     def _pretrained_backbone(self) -> dict[str, torch.Tensor]:
         weights = self.pretrained()

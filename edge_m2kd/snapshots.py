@@ -209,14 +209,16 @@ class SnapshotStore(ABC):
         meta = {"policy": self.policy, "n_classes": {str(k): v for k, v in self.n_classes.items()}}
         return tensors, meta
 
-    def load(self, tensors: State, meta: dict[str, Any]) -> None:
+    def load(self, tensors: State, meta: dict[str, Any], model: IncrementalNet) -> None:
+        """`model`: the student, its weights loaded already; the store shares tensors with it."""
         self.n_classes = {int(k): v for k, v in meta["n_classes"].items()}
         self.probe = tensors["probe"].numpy() if "probe" in tensors else None
         self.probe_logits = {k: tensors[f"probe_logits.{k}"] for k in self.n_classes}
         self._load_tensors(tensors)
+        self.attach(model, tensors)
 
     def attach(self, model: IncrementalNet, tensors: State) -> None:
-        """After `load` and the student's own weights: take what the store shares with it."""
+        """Take what the store shares with the student (called by `load`)."""
         self.shared = _cpu_copy({k: v for k, v in model.state_dict().items() if k in model.frozen_names()})
 
     @abstractmethod

@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from edge_m2kd import faults
 from edge_m2kd.config import LearnerConfig
 from edge_m2kd.errors import UserError
+from edge_m2kd.exemplars import class_arrays, from_class_arrays
 from edge_m2kd.files import fsync_dir, fsync_file, write_json_atomic
 from edge_m2kd.hashing import sha256
 from edge_m2kd.learner import Learner
@@ -41,7 +41,8 @@ from edge_m2kd.locking import LOCK_FILES, no_readers, reading, writer_lock
 FORMAT_VERSION = 1
 MANIFEST = "workspace.json"
 GENERATIONS = "generations"
-FILES = ("model.safetensors", "snapshots.safetensors", "exemplars.safetensors", "holdout.safetensors")
+LEARNER_PARTS = ("model", "snapshots", "exemplars")  # Learner.state()'s parts, a file each
+FILES = (*(f"{part}.safetensors" for part in LEARNER_PARTS), "holdout.safetensors")
 
 
 def _reason(e: Exception) -> str:
@@ -73,10 +74,6 @@ def _refuse_unless_new(path: Path) -> None:
         raise UserError(f"{path} already holds a workspace; choose another directory or remove it")
     if path.exists() and any(p.name not in LOCK_FILES for p in path.iterdir()):
         raise UserError(f"{path} exists and is not empty; choose an empty or new directory")
-
-
-def _class_arrays(per_class: dict[int, np.ndarray]) -> dict[str, torch.Tensor]:
-    return {f"class.{c}": torch.from_numpy(np.ascontiguousarray(v)) for c, v in per_class.items()}
 
 
 class Workspace:
@@ -172,35 +169,23 @@ class Workspace:
     def load_learner(self) -> Learner:
         with reading(self.path):
             self._follow_newer_commit()
-            learner = Learner(self.config)
             gen = self.generation_dir
             if gen is None:
-                return learner
+                return Learner(self.config)
             for name, digest in self.manifest["files"].items():
                 if not (gen / name).is_file() or sha256(gen / name) != digest:
                     raise UserError(f"{gen / name} is missing or damaged (checksum mismatch); "
                                     "restore the workspace from a backup")
             try:
-                return self._load_state(learner, gen)
+                return self._load_state(gen)
             except (KeyError, ValueError, RuntimeError) as e:  # e.g. tensors of another layout
                 raise UserError(f"{gen} cannot be read by this edge-m2kd ({type(e).__name__}: {str(e)[:80]}); "
                                 "restore the workspace from a backup") from e
 
-    def _load_state(self, learner: Learner, gen: Path) -> Learner:
-        model_t = load_file(gen / "model.safetensors")
-        snap_t = load_file(gen / "snapshots.safetensors")
-        ex_t = load_file(gen / "exemplars.safetensors")
-        learner.class_names = [c["name"] for c in self.manifest["classes"]]
-        learner.groups = [[i for i, c in enumerate(self.manifest["classes"]) if c["step"] == k]
-                          for k in range(1, self.steps + 1)]
-        learner.model.add_classes(len(learner.class_names))
-        learner.class_means = model_t.pop("class_means", None)
-        learner.model.load_state_dict(model_t)
-        learner.model.to(learner.device)
-        learner.store.load(snap_t, self.manifest["snapshots"])
-        learner.store.attach(learner.model, snap_t)
-        learner.memory.images = {int(k.split(".")[1]): v.numpy() for k, v in ex_t.items()}
-        return learner
+    def _load_state(self, gen: Path) -> Learner:
+        tensors = {part: load_file(gen / f"{part}.safetensors") for part in LEARNER_PARTS}
+        meta = {"classes": self.manifest["classes"], "snapshots": self.manifest["snapshots"]}
+        return Learner.from_state(self.config, tensors, meta)
 
     def load_holdout(self) -> dict[int, np.ndarray]:
         """Held-out images per class id, kept to fill the accuracy matrix after each step."""
@@ -209,7 +194,7 @@ class Workspace:
             gen = self.generation_dir
             if gen is None:
                 return {}
-            return {int(k.split(".")[1]): v.numpy() for k, v in load_file(gen / "holdout.safetensors").items()}
+            return from_class_arrays(load_file(gen / "holdout.safetensors"))
 
     def commit(self, learner: Learner, history_entry: dict[str, Any], holdout: dict[int, np.ndarray]) -> None:
         """Write the learner as a new generation, then switch the manifest to it."""
@@ -217,18 +202,14 @@ class Workspace:
             raise RuntimeError("commit needs the writer lock: open the workspace with Workspace.writing")
         gen_name = f"gen-{self.steps + 1:06d}"
         gen = self.path / GENERATIONS / gen_name
-        model_t = {k: v.detach().cpu().contiguous() for k, v in learner.model.state_dict().items()}
-        if learner.class_means is not None:
-            model_t["class_means"] = learner.class_means.detach().cpu().contiguous()
-        snap_t, snap_meta = learner.store.state()
-        ex_t = _class_arrays(learner.memory.images)
-        holdout_t = _class_arrays(holdout)
+        tensors, meta = learner.state()
+        parts = [tensors[part] for part in LEARNER_PARTS] + [class_arrays(holdout)]
         try:
             if gen.exists():
                 shutil.rmtree(gen)
             gen.mkdir(parents=True)
-            for name, tensors in zip(FILES, (model_t, snap_t, ex_t, holdout_t)):
-                save_file({k: v.contiguous() for k, v in tensors.items()}, gen / name)
+            for name, part in zip(FILES, parts):
+                save_file({k: v.contiguous() for k, v in part.items()}, gen / name)
                 fsync_file(gen / name)
                 faults.checkpoint(f"commit:{name}")
             fsync_dir(gen)
@@ -238,8 +219,8 @@ class Workspace:
             manifest.update(
                 generation=gen_name,
                 files={name: sha256(gen / name) for name in FILES},
-                classes=[{"name": n, "id": i, "step": learner.step_of(n)} for i, n in enumerate(learner.class_names)],
-                snapshots=snap_meta,
+                classes=meta["classes"],
+                snapshots=meta["snapshots"],
                 history=[*self.manifest["history"], history_entry],
             )
             # The directory is synced below: a failure there comes after the switch.

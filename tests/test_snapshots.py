@@ -84,8 +84,7 @@ def test_packed_store_capacity_shares(packed):
 def test_state_round_trip_keeps_every_snapshot(packed):
     tensors, meta = packed.store.state()
     fresh = make_store(packed.cfg.snapshots, packed.cfg.model)
-    fresh.load(tensors, meta)
-    fresh.attach(packed.model, tensors)
+    fresh.load(tensors, meta, packed.model)
     for k in (1, 2, 3):
         a, b = fresh.teacher(k), packed.store.teacher(k)
         for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
@@ -114,3 +113,15 @@ def test_packed_on_a_pretrained_base_keeps_each_steps_largest_changes(blob_data)
         assert torch.equal(one[n][unowned_at_1], base[n][unowned_at_1]), n
         owned = owner == 1
         assert owned.any() and not torch.equal(one[n][owned], base[n][owned])  # real changes kept
+
+
+def test_learner_state_round_trip(packed):
+    """Learner.state() and from_state(): what a workspace writes and reads back."""
+    tensors, meta = packed.state()
+    back = Learner.from_state(packed.cfg, tensors, meta)
+    assert back.class_names == packed.class_names and back.groups == packed.groups
+    assert torch.equal(back.class_means, packed.class_means)
+    assert all(torch.equal(a, b) for a, b in zip(back.model.state_dict().values(), packed.model.state_dict().values()))
+    assert all(np.array_equal(back.memory.images[c], packed.memory.images[c]) for c in packed.memory.images)
+    assert all(r.ok for r in back.store.verify())
+
