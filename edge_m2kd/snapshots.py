@@ -140,7 +140,7 @@ class SnapshotStore(ABC):
         if self.probe is None:
             self.probe = probe.copy()
         self.n_classes[step] = model.num_classes
-        self.shared = _cpu_copy({k: v for k, v in model.state_dict().items() if k in model.frozen_names()})
+        self.shared = _shared_state(model)
         snapshot_model = self._store(step, model)
         # verify() asks "is the stored snapshot intact?", so the reference logits come from the
         # same CPU rebuild that verify() runs: the trained model's logits on a GPU (TF32
@@ -219,7 +219,7 @@ class SnapshotStore(ABC):
 
     def attach(self, model: IncrementalNet, tensors: State) -> None:
         """Take what the store shares with the student (called by `load`)."""
-        self.shared = _cpu_copy({k: v for k, v in model.state_dict().items() if k in model.frozen_names()})
+        self.shared = _shared_state(model)
 
     @abstractmethod
     def _tensors(self) -> State: ...
@@ -251,6 +251,12 @@ def _unflatten(flat: torch.Tensor, like: State) -> State:
     if offset != flat.numel():
         raise ValueError(f"stored extras hold {flat.numel()} values, the model expects {offset}")
     return out
+
+
+def _shared_state(model: IncrementalNet) -> State:
+    """The frozen stages' tensors, which every snapshot takes from the student."""
+    frozen = model.frozen_names()
+    return _cpu_copy({k: v for k, v in model.state_dict().items() if k in frozen})
 
 
 def _cpu_copy(state: State) -> State:
