@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -391,6 +392,10 @@ class TegrastatsPeak:
 
     def __exit__(self, *exc: object) -> None:
         if self._reader is not None and self._thread is not None:
+            # A block shorter than tegrastats' interval still gets its first reading.
+            deadline = time.monotonic() + max(2.0, 3 * self._reader.interval_ms / 1000)
+            while self.samples == 0 and self._thread.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.005)
             self._reader.stop()  # tegrastats ends; the thread reads what is left and returns
             self._thread.join(timeout=10)
             self._thread = None
