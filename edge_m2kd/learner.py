@@ -250,7 +250,7 @@ class Learner:
                 y = labels_t[idx].to(self.device)
                 teacher_outs = {}
                 with torch.no_grad():  # frozen stages: once per batch, for the student and every teacher
-                    frozen = model.frozen_outputs(x) if model.n_frozen else None
+                    frozen = model.frozen_outputs(x)  # [] when nothing is frozen
                     if teachers is not None:
                         teacher_outs = teachers(x, with_aux=self.cfg.loss.multi_level, frozen=frozen)
                 out = net(x, with_aux=with_aux, frozen=frozen)

@@ -111,10 +111,8 @@ class IncrementalNet(nn.Module):
 
     def forward(self, x: torch.Tensor, with_aux: bool = True, frozen: list[torch.Tensor] | None = None) -> NetOutput:
         """`frozen`: frozen_outputs(x), when the caller has them already."""
-        if frozen is None:
-            stages = self.backbone(x)
-        else:
-            stages = [*frozen, *self._run_stages(frozen[-1] if frozen else x, len(frozen), len(self._stages))]
+        frozen = frozen or []
+        stages = [*frozen, *self._run_stages(frozen[-1] if frozen else x, len(frozen), len(self._stages))]
         features = stages[-1].mean(dim=(2, 3))
         aux = []
         if with_aux:
