@@ -152,9 +152,11 @@ def parse_names(text: str) -> list[str]:
 
 def plot_lines(path: Path, series: dict[str, tuple[Sequence[float], Sequence[float | None]]], *,
                xlabel: str, ylabel: str, title: str, logy: bool = False,
-               hlines: dict[str, float] | None = None, styles: dict[str, dict[str, Any]] | None = None) -> Path:
+               hlines: dict[str, float] | None = None, styles: dict[str, dict[str, Any]] | None = None,
+               bands: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None) -> Path:
     """One line per series (label -> (x, y)); None values in y are gaps. `hlines`: labelled
-    horizontal reference lines; `styles`: matplotlib line options per label."""
+    horizontal reference lines; `styles`: matplotlib line options per label; `bands`: a shaded
+    (low, high) range around a series, e.g. ± one standard deviation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,7 +165,10 @@ def plot_lines(path: Path, series: dict[str, tuple[Sequence[float], Sequence[flo
     fig, ax = plt.subplots(figsize=(8, 5))
     for label, (x, y) in series.items():
         style = {"marker": "o", "markersize": 3, **(styles or {}).get(label, {})}
-        ax.plot(list(x), [math.nan if v is None else v for v in y], label=label, **style)
+        (line,) = ax.plot(list(x), [math.nan if v is None else v for v in y], label=label, **style)
+        if label in (bands or {}):
+            low, high = (bands or {})[label]
+            ax.fill_between(list(x), list(low), list(high), color=line.get_color(), alpha=0.15, linewidth=0)
     for label, value in (hlines or {}).items():
         ax.axhline(value, linestyle=":", linewidth=1, color="grey")
         ax.annotate(label, (ax.get_xlim()[0], value), fontsize=7, color="grey", va="bottom")

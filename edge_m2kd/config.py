@@ -58,6 +58,13 @@ class LossConfig:
     # classes M_k knew, T*logsumexp(z/T): how sure M_k is that an image is in C_k at all) or
     # "all-known" (every class M_k knew). Not yet chosen on validation (issue 14): "own" as before.
     distill_scope: str = "own"
+    # Feature-map distillation of the newest snapshot's stage outputs: "none" or "pod" (PODNet's
+    # width- and height-pooled maps), weighted by feature_weight.
+    feature_distill: str = "none"
+    feature_weight: float = 1.0
+    # "fixed": the distillation terms keep their weights; "adaptive": all of them scaled by
+    # sqrt(old classes / new classes), as UCIR and PODNet do.
+    distill_weight: str = "fixed"
 
 
 @dataclass
@@ -81,6 +88,7 @@ class TrainConfig:
     crop_pad: int = 4
     flip: bool = True  # off for data where a mirror image is another class (digits)
     bias_correction: BiasCorrection = "weight_aligning"
+    align_biases: bool = False  # weight_aligning: also give every class the same bias
     balanced_finetune_epochs: int = 5
     classifier: Classifier = "cnn"  # what the workspace deploys: corrected head or NME
 

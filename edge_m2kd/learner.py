@@ -241,7 +241,7 @@ class Learner:
         totals: dict[str, float] = {}
         seen = 0
         for epoch in range(epochs):
-            totals, seen, start = {"loss": 0.0, "cls": 0.0, "aux": 0.0, "mm": 0.0, "ml": 0.0}, 0, time.perf_counter()
+            totals, seen, start = dict.fromkeys(["loss", "cls", "aux", "mm", "ml", "pod"], 0.0), 0, time.perf_counter()
             for idx in torch.randperm(n, generator=gen).split(tc.batch_size):
                 if len(idx) < world_size:
                     continue  # every rank must take part in every batch, or DDP waits forever
@@ -264,7 +264,7 @@ class Learner:
                             p.grad.mul_(masks[name])
                 opt.step()
                 sched.step()
-                for key, value in zip(totals, (float(loss.total.detach()), loss.cls, loss.aux, loss.mm, loss.ml)):
+                for key, value in zip(totals, (float(loss.total.detach()), loss.cls, loss.aux, loss.mm, loss.ml, loss.pod)):
                     totals[key] += value * len(idx)
                 seen += len(idx)
             faults.checkpoint("train:epoch")
@@ -290,6 +290,13 @@ class Learner:
                 gamma = norms[old].mean() / norms[new_ids].mean()
                 head.weight[new_ids] *= gamma
                 head.bias[new_ids] *= gamma
+                if self.cfg.train.align_biases:
+                    # The bias is where the imbalance goes as well: after a step of one class
+                    # against a few exemplars of each old class, old biases sat near -1 and the
+                    # new one near +1.6, and the head named the newest class for nearly every
+                    # image. Every class gets the same bias (a uniform prior), as the aligned
+                    # norms give every class the same scale.
+                    head.bias.fill_(float(head.bias.mean()))
         elif mode == "balanced_finetune":  # the exemplar set is class-balanced by construction
             self._finetune_head(*self.memory.arrays())
 

@@ -1,9 +1,13 @@
 """The M2KD loss (DESIGN.md section 2), one function per term.
 
-L = L_cls + a*L_aux + b*L_mm + c*L_ml. A teacher term is a (teacher step, class columns)
-pair: M2KD's own-group terms ask snapshot M_k about its group C_k only; the conventional
-term asks M_{t-1} about every old class. The same terms serve the main head (L_mm) and,
-when multi-level is on, each auxiliary head (L_ml).
+L = L_cls + a*L_aux + w*(b*L_mm + c*L_ml + d*L_pod). A teacher term is a (teacher step, class
+columns) pair: M2KD's own-group terms ask snapshot M_k about its group C_k (with one more
+column pooling the rest of what M_k knew, under the "own+rest" scope); the conventional term
+asks M_{t-1} about every old class. The same terms serve the main head (L_mm) and, when
+multi-level is on, each auxiliary head (L_ml). L_pod (off by default) distills the newest
+snapshot's stage feature maps themselves, pooled along width and height as in PODNet. w is 1,
+or sqrt(old classes / new classes) under the "adaptive" weight (UCIR, PODNet): the fewer
+images the old classes have against the new, the harder distillation must pull.
 """
 
 from __future__ import annotations
@@ -23,6 +27,18 @@ def group_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -
     log_p_teacher = F.log_softmax(teacher / temperature, dim=1)
     kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
     return kl * temperature**2
+
+
+def pod_spatial(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """PODNet's spatial distillation of one stage (Douillard et al. 2020): the squared maps
+    summed along the width and along the height, L2-normalised, compared by Euclidean distance
+    (mean over the batch). Pooled statistics leave the new classes room to move individual
+    pixels while keeping where, along each axis, the old features fire."""
+    def pooled(h: torch.Tensor) -> torch.Tensor:
+        h = h.pow(2)
+        return F.normalize(torch.cat([h.sum(dim=3).flatten(1), h.sum(dim=2).flatten(1)], dim=1), dim=1)
+
+    return (pooled(student) - pooled(teacher)).norm(dim=1).mean()
 
 
 def teacher_terms(step: int, groups: list[list[int]], cfg: LossConfig) -> list[tuple[int, list[int]]]:
@@ -48,6 +64,7 @@ class LossTerms:
     aux: float
     mm: float
     ml: float
+    pod: float = 0.0
 
 
 def scoped_logits(z: torch.Tensor, cols: list[int], known: int, scope: str, temperature: float) -> torch.Tensor:
@@ -90,13 +107,33 @@ def m2kd_loss(
 ) -> LossTerms:
     zero = out.logits.new_zeros(())
     cls = F.cross_entropy(out.logits, targets)
+    known = max((teacher_outs[k].logits.shape[1] for k, _ in terms), default=0)  # the old classes
     aux = zero
     if cfg.aux_heads and out.aux_logits:
         aux = torch.stack([F.cross_entropy(z, targets) for z in out.aux_logits]).mean()
-    mm = ml = zero
+    mm = ml = pod = zero
     if terms:
         mm = _distill([out.logits], [[teacher_outs[k].logits] for k, _ in terms], terms, cfg)
         if cfg.multi_level and out.aux_logits:
             ml = _distill(out.aux_logits, [teacher_outs[k].aux_logits for k, _ in terms], terms, cfg)
-    total = cls + cfg.aux_weight * aux + cfg.multi_model_weight * mm + cfg.multi_level_weight * ml
-    return LossTerms(total, *(float(x.detach()) for x in (cls, aux, mm, ml)))
+        if cfg.feature_distill == "pod":
+            newest = teacher_outs[max(k for k, _ in terms)]
+            if not newest.maps:
+                raise ValueError("feature_distill 'pod' needs teachers that return their stage maps")
+            pod = torch.stack([pod_spatial(s, t) for s, t in zip(out.maps, newest.maps)]).mean()
+        elif cfg.feature_distill != "none":
+            raise ValueError(f"unknown feature_distill {cfg.feature_distill!r}; use none or pod")
+    weight = distill_weight(cfg, known, out.logits.shape[1] - known)
+    total = cls + cfg.aux_weight * aux + weight * (
+        cfg.multi_model_weight * mm + cfg.multi_level_weight * ml + cfg.feature_weight * pod)
+    return LossTerms(total, *(float(x.detach()) for x in (cls, aux, mm, ml, pod)))
+
+
+def distill_weight(cfg: LossConfig, old: int, new: int) -> float:
+    """1 ("fixed"), or sqrt(old / new) classes ("adaptive", UCIR's lambda): at a one-class step
+    after nine classes it is 3."""
+    if cfg.distill_weight == "fixed" or old == 0 or new == 0:
+        return 1.0
+    if cfg.distill_weight == "adaptive":
+        return (old / new) ** 0.5
+    raise ValueError(f"unknown distill_weight {cfg.distill_weight!r}; use fixed or adaptive")

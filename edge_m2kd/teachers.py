@@ -124,9 +124,10 @@ class StackedTeachers(nn.Module):
         """`frozen` is accepted for the common interface; stacked teachers compute every stage."""
         n = len(x)
         h = self.stem(x)
-        pooled = []
+        pooled, maps = [], []
         for stage in self.stages:
             h = stage(h)
+            maps.append(h)
             pooled.append(h.mean(dim=(2, 3)).view(n, self.k, -1))
         out = {}
         for i, step in enumerate(self.steps):
@@ -134,7 +135,8 @@ class StackedTeachers(nn.Module):
             aux = []
             if with_aux:
                 aux = [F.linear(pooled[lvl][:, i], w, b) for lvl, (w, b) in zip(self.aux_levels, self.aux_heads[i])]
-            out[step] = NetOutput(F.linear(features, *self.heads[i]), aux, features)
+            own_maps = [m.view(n, self.k, -1, *m.shape[2:])[:, i] for m in maps]
+            out[step] = NetOutput(F.linear(features, *self.heads[i]), aux, features, own_maps)
         return out
 
 

@@ -7,6 +7,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,3 +144,30 @@ def test_cil_resume_keeps_finished_methods_and_refuses_other_settings(tmp_path, 
     (tmp_path / "results.json").write_text(json.dumps(saved))
     third = cil.main([*common, "--methods", "finetune,icarl", "--resume"])
     assert third["rows"] == second["rows"]
+
+
+def test_cil_several_orders_on_the_one_class_protocol(tmp_path, capsys):
+    common = ["--schedule", "smoke", "--epochs", "1", "--per-class", "8", "--test-per-class", "4", "--memory", "10",
+              "--threads", "1", "--protocol", "2+8x1", "--out", str(tmp_path), "--json", "--no-plot",
+              "--methods", "icarl,m2kd-full"]
+    out = cil.main([*common, "--orders", "2"])
+    capsys.readouterr()
+    rows = out["rows"]
+    assert [(r["method"], r["order_seed"]) for r in rows] == [
+        ("icarl", 1993), ("m2kd-full", 1993), ("icarl", 1994), ("m2kd-full", 1994)]
+    assert out["class_orders"]["1993"] != out["class_orders"]["1994"]
+    for r in rows:
+        assert [len(row) for row in r["accuracy_matrix"]] == list(range(1, 10))  # 2 classes, then 8 of one
+    diff = cil.paired_difference(rows, 10, "m2kd-full", "icarl")
+    final = {(r["method"], r["order_seed"]): r["final_accuracy"] for r in rows}
+    expected = [100 * (final["m2kd-full", o] - final["icarl", o]) for o in (1993, 1994)]
+    assert diff["orders"] == [1993, 1994] and diff["differences"] == pytest.approx(expected)
+    assert diff["mean"] == pytest.approx(np.mean(expected)) and diff["std"] == pytest.approx(np.std(expected, ddof=1))
+    gap = next(t for t in out["targets"] if t["name"].startswith("m2kd-full beats icarl"))
+    assert gap["measured"] == pytest.approx(diff["mean"]) and gap["met"] == (diff["mean"] >= 5)
+    # A third order resumes: the first two are kept, not trained again.
+    again = cil.main([*common, "--orders", "3", "--resume"])
+    assert again["rows"][:4] == rows and [r["order_seed"] for r in again["rows"][4:]] == [1995, 1995]
+    report = cil.report_text(again)
+    assert "mean ± std over class orders" in report and "m2kd-full - icarl" in report
+    assert (tmp_path / "x.png") == cil.plot(again, 10, tmp_path / "x.png")

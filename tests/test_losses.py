@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from edge_m2kd.config import LossConfig, method_config
-from edge_m2kd.losses import group_kd, m2kd_loss, teacher_terms
+from edge_m2kd.losses import distill_weight, group_kd, m2kd_loss, pod_spatial, teacher_terms
 from edge_m2kd.models import NetOutput
 
 GROUPS = [[0, 1], [2, 3], [4, 5], [6, 7]]
@@ -114,3 +114,42 @@ def test_the_rest_column_pools_the_other_classes_the_teacher_knew():
 def test_all_known_scope_asks_each_snapshot_about_every_class_it_knew():
     cfg = LossConfig(distill_scope="all-known")
     assert teacher_terms(3, GROUPS, cfg) == [(1, [0, 1]), (2, [0, 1, 2, 3])]
+
+
+def test_pod_distills_the_newest_snapshots_pooled_maps():
+    torch.manual_seed(0)
+    cfg = LossConfig(feature_distill="pod", multi_model=False, multi_level=False, last_model_all_old=True)
+    maps = [torch.randn(4, 3, 5, 5), torch.randn(4, 6, 2, 2)]
+    student = NetOutput(torch.randn(4, 4), [], torch.zeros(4, 6), [m.clone().requires_grad_() for m in maps])
+    y = torch.randint(0, 4, (4,))
+    terms = teacher_terms(2, [[0, 1], [2, 3]], cfg)
+    same = m2kd_loss(student, y, terms, {1: NetOutput(torch.randn(4, 2), [], torch.zeros(4, 6), maps)}, cfg)
+    assert abs(same.pod) < 1e-6
+    # A different map costs something, and the gradient reaches the student's maps.
+    other = [torch.randn_like(m) for m in maps]
+    moved = m2kd_loss(student, y, terms, {1: NetOutput(torch.randn(4, 2), [], torch.zeros(4, 6), other)}, cfg)
+    assert moved.pod > 1e-2
+    moved.total.backward()
+    assert all(m.grad is not None and m.grad.abs().sum() > 0 for m in student.maps)
+    # Each axis profile is compared in place: the mirrored map differs, a uniform scale does not.
+    assert pod_spatial(maps[0], maps[0].flip(2).flip(3)) > 1e-2
+    assert pod_spatial(maps[0], 3 * maps[0]) < 1e-6
+    with pytest.raises(ValueError, match="stage maps"):
+        m2kd_loss(student, y, terms, {1: NetOutput(torch.randn(4, 2), [], torch.zeros(4, 6))}, cfg)
+
+
+def test_adaptive_weight_scales_distillation_by_sqrt_old_over_new():
+    assert distill_weight(LossConfig(distill_weight="adaptive"), 9, 1) == pytest.approx(3.0)
+    assert distill_weight(LossConfig(distill_weight="adaptive"), 8, 2) == pytest.approx(2.0)
+    assert distill_weight(LossConfig(), 9, 1) == 1.0
+    torch.manual_seed(1)
+    student = _out(torch.randn(5, 3), [])
+    teachers = {1: _out(torch.randn(5, 2), [])}
+    y = torch.randint(0, 3, (5,))
+    terms = teacher_terms(2, [[0, 1], [2]], LossConfig())
+    fixed = m2kd_loss(student, y, terms, teachers, LossConfig(multi_level=False))
+    adaptive = m2kd_loss(student, y, terms, teachers, LossConfig(multi_level=False, distill_weight="adaptive"))
+    assert adaptive.mm == pytest.approx(fixed.mm)  # the term itself is the same ...
+    assert (adaptive.total - adaptive.cls).item() == pytest.approx(2 ** 0.5 * (fixed.total - fixed.cls).item())
+    with pytest.raises(ValueError, match="distill_weight"):
+        distill_weight(LossConfig(distill_weight="grow"), 2, 2)

@@ -45,6 +45,9 @@ def test_stacked_teachers_equal_separate_teachers(backbone, kw, size, k):
         assert torch.allclose(got[step].logits, expected[step].logits, atol=1e-4, rtol=1e-4)
         for a, b in zip(got[step].aux_logits, expected[step].aux_logits, strict=True):
             assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+        # The stage maps (what feature-map distillation reads) are each teacher's own.
+        for a, b in zip(got[step].maps, expected[step].maps, strict=True):
+            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_stacked_teachers_do_not_mix_channels():

@@ -5,7 +5,7 @@ classes are added; the rows of old classes are kept as they are."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,8 @@ class NetOutput:
     logits: torch.Tensor  # main head, all known classes
     aux_logits: list[torch.Tensor]  # one per auxiliary level
     features: torch.Tensor  # pooled last stage, what NME and herding use
+    # Every stage's output map, for feature-map distillation (LossConfig.feature_distill).
+    maps: list[torch.Tensor] = field(default_factory=list)
 
 
 class IncrementalNet(nn.Module):
@@ -117,7 +119,7 @@ class IncrementalNet(nn.Module):
         aux = []
         if with_aux:
             aux = [head(stages[i].mean(dim=(2, 3))) for i, head in zip(self.aux_levels, self.aux_heads)]
-        return NetOutput(self.main_head(features), aux, features)
+        return NetOutput(self.main_head(features), aux, features, stages)
 
 
 class DeployedClassifier(nn.Module):
