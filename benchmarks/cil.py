@@ -16,6 +16,7 @@ schedule. Results are written after each run, so a run cut short keeps what fini
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import random
@@ -44,7 +45,15 @@ from benchmarks.common import (
     torch_threads,
     write_json,
 )
-from edge_m2kd.config import METHODS, PRETRAINED_DEFAULTS, LearnerConfig, LossConfig, method_config
+from edge_m2kd.config import (
+    CLASSIFIERS,
+    METHODS,
+    PRETRAINED_DEFAULTS,
+    SECTIONS,
+    LearnerConfig,
+    LossConfig,
+    method_config,
+)
 from edge_m2kd.data import (
     ImageSet,
     class_order,
@@ -129,6 +138,15 @@ def cifar_root(data: Path, cache: Path) -> Path:
         raise UserError(f"{data} has no train/ and test/ folders; pass the CIFAR-10 tarball or its unpacked folder")
     if not data.is_file():
         raise UserError(f"CIFAR-10 not found at {data}; pass --data cifar10-jpeg.tar.gz (or its unpacked folder)")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    # Two benchmark processes started together must not unpack into the same folder at once:
+    # the second waits for the first, then finds the stamp.
+    with open(cache.with_name(cache.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _unpack_once(data, cache)
+
+
+def _unpack_once(data: Path, cache: Path) -> Path:
     stamp = f"{data.resolve()} {data.stat().st_size} {int(data.stat().st_mtime)}"
     done = cache / ".unpacked-from"
     if done.is_file() and done.read_text() == stamp:
@@ -195,8 +213,21 @@ def resolve_method(name: str, ablation_policy: str) -> tuple[str, str]:
 
 def parse_loss_override(text: str) -> tuple[str, Any]:
     """KEY=VALUE for a LossConfig field, the value read as the field's type."""
+    return parse_field(text, LossConfig)
+
+
+def parse_setting(text: str) -> tuple[str, str, Any]:
+    """SECTION.KEY=VALUE for a field of one LearnerConfig section, e.g. train.align_biases=true."""
+    section, dot, rest = text.partition(".")
+    sections = {f.name: f.default_factory for f in fields(LearnerConfig) if f.name in SECTIONS}
+    if not dot or section not in sections:
+        raise argparse.ArgumentTypeError(f"{text!r}: use SECTION.KEY=VALUE with SECTION one of {', '.join(sections)}")
+    return (section, *parse_field(rest, sections[section]))  # type: ignore[arg-type]
+
+
+def parse_field(text: str, config: type) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
-    types = {f.name: type(f.default) for f in fields(LossConfig)}
+    types = {f.name: type(f.default) for f in fields(config) if not callable(f.default_factory)}
     if not sep or key not in types:
         raise argparse.ArgumentTypeError(f"{text!r}: use KEY=VALUE with KEY one of {', '.join(types)}")
     if types[key] is bool:
@@ -229,7 +260,10 @@ def method_cfg(name: str, sched: Schedule, memory: int, args: argparse.Namespace
     }
     # The schedule's settings are defaults: what defines a method (ncm-frozen: no epochs, every
     # stage frozen) is not the schedule's to change.
-    cfg = method_config(base, defaults=sections)
+    explicit: dict[str, dict[str, Any]] = {}
+    for section, key, value in args.set:  # every method's, unlike --loss
+        explicit.setdefault(section, {})[key] = value
+    cfg = method_config(base, defaults=sections, **explicit)
     cfg.snapshots.policy = policy  # type: ignore[assignment]
     if row_label(name, args) != name:
         for key, value in args.loss:
@@ -313,6 +347,7 @@ def run_method(name: str, cfg: LearnerConfig, memory: int, train: ImageSet, test
         "nme_accuracy_per_step": [s["nme_accuracy"] for s in result["steps"]],
         "accuracy_matrix": result["accuracy_matrix"],
         "classifier": result["classifier"],
+        "chosen_classifier": result["chosen_classifier"],  # under --classifier auto: what held-out images chose
         # The step report's mean loss per term over the last step's last epoch: on one-class
         # steps the multi-model and multi-level terms must not be zero (issue 14).
         "last_step_losses": result["steps"][-1]["losses"],
@@ -535,7 +570,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--per-class", type=int, default=None, help="override the training images per class")
     p.add_argument("--test-per-class", type=int, default=None, help="limit the test images per class (default all)")
     p.add_argument("--device", default=None, help="cpu, cuda, auto (default: the schedule's)")
-    p.add_argument("--classifier", choices=["cnn", "nme"], default=None,
+    p.add_argument("--classifier", choices=CLASSIFIERS, default=None,
                    help="the deployed classifier (default: the schedule's)")
     p.add_argument("--bias-correction", choices=["weight_aligning", "balanced_finetune", "none"],
                    default="weight_aligning", help="how the head's new-class bias is corrected after a step")
@@ -544,6 +579,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--loss", type=parse_loss_override, action="append", default=[], metavar="KEY=VALUE",
                    help="set a loss option of the m2kd methods (repeatable), e.g. distill_reduction=sum or "
                         "last_model_all_old=true; their rows are named with it, so the targets skip them")
+    p.add_argument("--set", type=parse_setting, action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="set an option of every method (repeatable), e.g. train.align_biases=true; saved with "
+                        "the run's settings, the rows keep their names")
     p.add_argument("--seed", type=int, default=1993, help="learner seed (the class orders have their own seeds)")
     p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="5x2",
                    help="5x2: five steps of two classes; 2+8x1: two classes, then eight steps of one (default 5x2)")
@@ -599,6 +637,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "seed": args.seed, "protocol": args.protocol,
                      "methods": args.methods, "ablation_snapshots": args.ablation_snapshots,
                      "loss_overrides": dict(args.loss),
+                     "overrides": {f"{section}.{key}": value for section, key, value in args.set},
                      "validation": args.validation,
                      "threads": sched.threads or torch.get_num_threads(), "torch": torch.__version__},
         "rows": [],
@@ -650,7 +689,7 @@ def resumed_rows(path: Path, result: dict[str, Any]) -> dict[tuple[str, int, int
     earlier = load_result(path)
     mine = {**result["settings"], "methods": None}
     # Runs saved before a setting existed ran with its default.
-    defaults = {"loss_overrides": {}, "bias_correction": "weight_aligning", "pretrained": None, "frozen_stages": 0,
+    defaults = {"loss_overrides": {}, "overrides": {}, "bias_correction": "weight_aligning", "pretrained": None, "frozen_stages": 0,
                 "backbone_lr_scale": 1.0, "free_restart": None, "validation": 0.0, "test_per_class": None, "classifier": "cnn",
                 "protocol": "5x2"}
     earlier_orders = earlier.get("class_orders", {str(ORDER_SEED): earlier.get("class_order")})

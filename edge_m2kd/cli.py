@@ -12,7 +12,15 @@ from typing import Any
 
 import click
 
-from edge_m2kd.config import BACKBONE_NAMES, DEVICES, METHODS, PRETRAINED_DEFAULTS, SNAPSHOT_POLICIES
+from edge_m2kd.config import (
+    BACKBONE_NAMES,
+    CLASSIFIERS,
+    DEVICES,
+    METHODS,
+    PRETRAINED_DEFAULTS,
+    SNAPSHOT_POLICIES,
+    TrainConfig,
+)
 from edge_m2kd.errors import UserError
 
 # Set before torch loads (every command imports it lazily, below), since OpenMP reads it once.
@@ -121,17 +129,22 @@ wait_option = click.option("--wait", is_flag=True,
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--planned-steps", default=10, show_default=True, type=click.IntRange(1),
               help="packed snapshots: how many steps the free weights must last")
+@click.option("--classifier", default=None, type=click.Choice(CLASSIFIERS),
+              help="what the device runs: the corrected head (cnn), nearest mean of exemplars (nme), or auto: "
+                   f"the better of the two on each step's held-out images (default {TrainConfig.classifier}; "
+                   f"{PRETRAINED_DEFAULTS['train']['classifier']} when pretrained)")
 @click.option("--flip/--no-flip", default=True, show_default=True,
               help="mirror images in training; turn off where a mirror image is another class (text, digits, signs)")
 @wait_option
 @click.option("--json", "as_json", is_flag=True)
 def init(ws: Path, backbone, pretrained, frozen_stages, backbone_lr_scale, lr, input_size, policy, exemplars, method,
-         memory_budget, device, epochs, batch_size, planned_steps, flip, wait, as_json) -> None:
+         memory_budget, device, epochs, batch_size, planned_steps, classifier, flip, wait, as_json) -> None:
     """Create a workspace WS."""
     from edge_m2kd.commands import init_workspace
 
     out = init_workspace(ws, backbone, input_size, policy, exemplars, method, memory_budget, device, epochs,
-                         batch_size, planned_steps, flip, pretrained, frozen_stages, backbone_lr_scale, lr, wait=wait)
+                         batch_size, planned_steps, flip, pretrained, frozen_stages, backbone_lr_scale, lr,
+                         classifier=classifier, wait=wait)
     if as_json:
         emit_json(out)
     else:
@@ -188,6 +201,9 @@ def add_classes(ws: Path, data: Path, classes, epochs, batch_size, on_corrupt, s
                f"in {entry['seconds']:.1f}s ({entry['images_per_second']:.0f} img/s)")
     click.echo(f"  held-out accuracy {100 * h.get('deployed_accuracy', float('nan')):.1f}% "
                f"(per group: {groups}); bytes added {entry['bytes_added']:,}")
+    # Per term, so a user can see that every distillation term is at work (a one-class group's too).
+    terms = ", ".join(f"{k} {v:.4f}" for k, v in entry["losses"].items())
+    click.echo(f"  loss per term, mean over the last epoch: {terms or 'no training'}")
     click.echo(f"  peak memory: measured {_mib(mem['measured_peak_rss']).strip()} resident, predicted "
                f"{_mib(mem['predicted_peak']['total']).strip()}")
 

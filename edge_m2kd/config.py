@@ -15,7 +15,8 @@ DEVICES = ("auto", "cpu", "cuda")
 Backbone = Literal["resnet20", "resnet32", "resnet18", "mobilenetv2"]  # models/backbones.py builds them
 BACKBONE_NAMES: tuple[str, ...] = get_args(Backbone)
 BiasCorrection = Literal["weight_aligning", "balanced_finetune", "none"]
-Classifier = Literal["cnn", "nme"]
+Classifier = Literal["cnn", "nme", "auto"]
+CLASSIFIERS: tuple[str, ...] = get_args(Classifier)
 FreeRestart = Literal["small_random", "pretrained"]
 
 # Per-channel statistics of natural RGB images (ImageNet); folded into exported models.
@@ -90,7 +91,9 @@ class TrainConfig:
     bias_correction: BiasCorrection = "weight_aligning"
     align_biases: bool = False  # weight_aligning: also give every class the same bias
     balanced_finetune_epochs: int = 5
-    classifier: Classifier = "cnn"  # what the workspace deploys: corrected head or NME
+    # What the workspace deploys: the corrected head, NME, or "auto": whichever of the two scores
+    # higher on held-out images of every class that no step trained on (chosen after each step).
+    classifier: Classifier = "cnn"
 
 
 @dataclass
@@ -113,6 +116,8 @@ class SnapshotConfig:
     reinit_scale: float = 0.1  # packed: free weights restart at this fraction of Kaiming scale
     prune_finetune_epochs: int = 5  # packed/sparse: fine-tuning of the kept weights after pruning
     prune_finetune_lr: float = 0.01
+    # packed/sparse: the prune fine-tuning also distills the step's unpruned model (all classes).
+    prune_distill: bool = False
     # sparse: kept fraction of each prunable tensor. At 0.1 a pruned ResNet-20 teacher fell to
     # chance on digits; 0.2 keeps it useful at about 14% of a full copy's bytes.
     sparse_density: float = 0.2

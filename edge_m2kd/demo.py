@@ -12,10 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edge_m2kd.commands import HOLDOUT_PER_CLASS
 from edge_m2kd.config import LearnerConfig, method_config
 from edge_m2kd.data import class_order, load_digits, split_into_steps
-from edge_m2kd.protocol import run_protocol
+from edge_m2kd.protocol import HOLDOUT_PER_CLASS, run_protocol
 from edge_m2kd.workspace import Workspace
 
 DEMO_STEPS, DEMO_CLASSES_PER_STEP, DEMO_SEED = 5, 2, 1993

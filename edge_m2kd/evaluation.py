@@ -49,8 +49,7 @@ def evaluate(learner, data: ImageSet) -> Evaluation:
     logits, nme = learner.scores(images)
     cnn_pred = logits.argmax(1).numpy()
     nme_pred = nme.argmax(1).numpy() if nme is not None else None
-    use_nme = learner.cfg.train.classifier == "nme" and nme_pred is not None
-    deployed = nme_pred if use_nme else cnn_pred
+    deployed = nme_pred if learner.uses_nme and nme_pred is not None else cnn_pred
     return Evaluation(
         accuracy=float((cnn_pred == labels).mean()),
         nme_accuracy=None if nme_pred is None else float((nme_pred == labels).mean()),

@@ -4,6 +4,7 @@ ablations and its baselines) is a configuration of this one class."""
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ class Learner:
         self.class_names: list[str] = []  # in head order
         self.groups: list[list[int]] = []  # class ids first learned at each step
         self.class_means: torch.Tensor | None = None  # NME, over normalised features
+        self.chosen_classifier: str | None = None  # classifier "auto": "cnn" or "nme", by held-out images
         self._pretrained: PretrainedWeights | None = None  # read when a step needs it
         if cfg.snapshots.free_restart == "pretrained" and cfg.model.pretrained:
             self.store.base_weights = self._pretrained_backbone
@@ -101,7 +103,7 @@ class Learner:
         snap_t, snap_meta = self.store.state()
         classes = [{"name": n, "id": i, "step": self.step_of(n)} for i, n in enumerate(self.class_names)]
         return ({"model": model_t, "snapshots": snap_t, "exemplars": self.memory.state()},
-                {"classes": classes, "snapshots": snap_meta})
+                {"classes": classes, "snapshots": snap_meta, "chosen_classifier": self.chosen_classifier})
 
     @classmethod
     def from_state(cls, cfg: LearnerConfig, tensors: dict[str, dict[str, torch.Tensor]],
@@ -113,6 +115,7 @@ class Learner:
         learner.groups = [[c["id"] for c in classes if c["step"] == k] for k in range(1, steps + 1)]
         model_t = dict(tensors["model"])
         learner.class_means = model_t.pop("class_means", None)
+        learner.chosen_classifier = meta.get("chosen_classifier")
         learner.model.add_classes(len(learner.class_names))
         learner.model.load_state_dict(model_t)
         learner.model.to(learner.device)
@@ -146,17 +149,27 @@ class Learner:
         teachers = build_teachers(snapshots, self.cfg.train.teacher_mode)
         self.store.prepare(self.model, t)
 
-        def train(model: IncrementalNet, masks: dict[str, torch.Tensor], epochs: int, lr: float, phase: str) -> dict[str, float]:
+        def train(model: IncrementalNet, masks: dict[str, torch.Tensor], epochs: int, lr: float, phase: str,
+                  teachers: torch.nn.Module | None = teachers, terms: list = terms) -> dict[str, float]:
             report = (lambda *a: progress(phase, *a)) if progress else None
             return self._train(model, images, labels, teachers, terms, masks, epochs, lr, report)
 
         train_start = time.perf_counter()
         losses = train(self.model, self.store.grad_masks(self.model), self.cfg.train.epochs, self.cfg.train.lr, "train")
         train_seconds = time.perf_counter() - train_start
+        sc = self.cfg.snapshots
+        unpruned = copy.deepcopy(self.model).requires_grad_(False) if sc.prune_distill and sc.policy != "full" else None
 
         def finetune_pruned(model: IncrementalNet, masks: dict[str, torch.Tensor], epochs: int) -> None:
             faults.checkpoint("consolidate")
-            train(model, masks, epochs, self.cfg.snapshots.prune_finetune_lr, "finetune")
+            if unpruned is None:
+                train(model, masks, epochs, sc.prune_finetune_lr, "finetune")
+                return
+            # The step's own model before pruning is the best teacher of what pruning must keep:
+            # one more term, over every class, beside the step's own terms.
+            train(model, masks, epochs, sc.prune_finetune_lr, "finetune",
+                  build_teachers({**snapshots, t: unpruned}, self.cfg.train.teacher_mode),
+                  [*terms, (t, list(range(model.num_classes)))])
 
         self.store.consolidate(self.model, t, finetune_pruned)
         self.memory.update(self.embed, {c: images[labels == c] for c in new_ids})
@@ -346,6 +359,24 @@ class Learner:
             return logits.cpu(), None
         return logits.cpu(), self._nme_linear(F.normalize(feats, dim=1)).cpu()
 
+    @property
+    def uses_nme(self) -> bool:
+        """Whether the deployed classifier is NME (configured, or chosen under "auto")."""
+        choice = self.cfg.train.classifier
+        return self.class_means is not None and (choice == "nme" or (choice == "auto" and self.chosen_classifier == "nme"))
+
+    def choose_classifier(self, images: np.ndarray, labels: np.ndarray) -> None:
+        """classifier "auto": deploy whichever of the corrected head and NME classifies more of
+        these held-out images (of every known class, never trained on) correctly; a tie keeps NME,
+        which needs no correction of the head's bias."""
+        if self.cfg.train.classifier != "auto" or self.class_means is None or not len(images):
+            return
+        logits, nme = self.scores(images)
+        assert nme is not None
+        cnn_correct = int((logits.argmax(1).numpy() == labels).sum())
+        nme_correct = int((nme.argmax(1).numpy() == labels).sum())
+        self.chosen_classifier = "nme" if nme_correct >= cnn_correct else "cnn"
+
     def _nme_linear(self, normalized_features: torch.Tensor) -> torch.Tensor:
         assert self.class_means is not None
         means = self.class_means.to(normalized_features.device)
@@ -355,7 +386,7 @@ class Learner:
         """The classifier a device runs: the corrected head, or NME as a linear layer."""
         backbone = build_model(self.cfg.model, 0).backbone
         backbone.load_state_dict(self.model.backbone.state_dict())
-        use_nme = self.cfg.train.classifier == "nme" and self.class_means is not None
+        use_nme = self.uses_nme
         if use_nme:
             assert self.class_means is not None
             w = self.class_means.cpu()

@@ -7,11 +7,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from edge_m2kd.config import LearnerConfig
 from edge_m2kd.data.sources import ImageSet
+from edge_m2kd.data.stream import train_val_split
 from edge_m2kd.evaluation import Evaluation, evaluate, summary
 from edge_m2kd.learner import Learner, StepReport
 
+# What a step holds out of its new classes' images: add-classes scores (and, under classifier
+# "auto", chooses the deployed classifier) on up to HOLDOUT_PER_CLASS of them per class.
+HOLDOUT_FRACTION = 0.1
+HOLDOUT_PER_CLASS = 20
 # on_step(learner, report, evaluation) after every step, e.g. to print a table row or commit a workspace
 OnStep = Callable[[Learner, StepReport, Evaluation], None]
 
@@ -29,8 +36,17 @@ def run_protocol(
     start = time.perf_counter()
     learner = learner or Learner(cfg)
     rows, matrix, overall = [], [], []
+    held_images, held_labels = [], []
     for classes in steps:
-        report = learner.step(train, classes)
+        data = train
+        if cfg.train.classifier == "auto":  # as add-classes does: hold out some images of each new class
+            data, held = train_val_split(train.only_classes(classes), HOLDOUT_FRACTION, cfg.train.seed)
+        report = learner.step(data, classes)
+        if cfg.train.classifier == "auto":
+            for name in classes:
+                held_images.append(held.images[held.labels == held.class_names.index(name)][:HOLDOUT_PER_CLASS])
+                held_labels.append(np.full(len(held_images[-1]), learner.class_names.index(name), np.int64))
+            learner.choose_classifier(np.concatenate(held_images), np.concatenate(held_labels))
         ev = evaluate(learner, test.only_classes(learner.class_names))
         matrix.append(ev.accuracy_per_group)
         overall.append(ev.deployed_accuracy)
@@ -52,6 +68,7 @@ def run_protocol(
         "method": cfg.method,
         "snapshots": cfg.snapshots.policy,
         "classifier": cfg.train.classifier,
+        "chosen_classifier": learner.chosen_classifier,
         "steps": rows,
         "accuracy_matrix": matrix,
         **summary(matrix, overall),

@@ -214,7 +214,8 @@ def export_workspace(
             probe_images=probe_images,
             force=force,
             extra_metadata={"workspace": {"steps_done": learner.steps_done, "backbone": learner.cfg.model.backbone,
-                                          "configured_classifier": learner.cfg.train.classifier}},
+                                          "configured_classifier": learner.cfg.train.classifier,
+                                          "deployed_classifier": "nme" if learner.uses_nme else "cnn"}},
         )
 
         engine: EngineBuild | None = None

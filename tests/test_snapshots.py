@@ -125,3 +125,24 @@ def test_learner_state_round_trip(packed):
     assert all(np.array_equal(back.memory.images[c], packed.memory.images[c]) for c in packed.memory.images)
     assert all(r.ok for r in back.store.verify())
 
+
+
+@pytest.mark.parametrize("prune_distill", [False, True])
+def test_prune_finetuning_can_distill_the_unpruned_model(blob_data, monkeypatch, prune_distill):
+    calls = []
+    original = Learner._train
+
+    def spy(self, model, images, labels, teachers, terms, *rest):
+        calls.append((sorted(teachers.steps) if teachers is not None else [], list(terms)))
+        return original(self, model, images, labels, teachers, terms, *rest)
+
+    monkeypatch.setattr(Learner, "_train", spy)
+    learner = Learner(quick_config("m2kd", "packed", epochs=1, snapshots={"prune_distill": prune_distill}))
+    learner.step(blob_data, ["c0", "c1"])
+    learner.step(blob_data, ["c2", "c3"])
+    (_, train_terms), (ft_teachers, ft_terms) = calls[2:]  # step 2: training, then the prune fine-tuning
+    if prune_distill:  # the step's own unpruned model teaches every class, beside the step's own terms
+        assert ft_teachers == [1, 2] and ft_terms == [*train_terms, (2, [0, 1, 2, 3])]
+    else:
+        assert ft_terms == train_terms
+    assert all(v.ok for v in learner.store.verify())
