@@ -10,6 +10,7 @@ import asyncio
 import html
 import json
 import shutil
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -27,7 +28,7 @@ from edge_m2kd.errors import UserError
 from edge_m2kd.files import default_engine_path
 from edge_m2kd.locking import WorkspaceBusy
 from edge_m2kd.server import uploads
-from edge_m2kd.server.jobs import FINISHED, StepJobs, new_staging
+from edge_m2kd.server.jobs import FINISHED, StepJobs, new_staging, remove_stale_staging
 from edge_m2kd.server.security import Guard, ServerSettings
 from edge_m2kd.server.views import WorkspaceViews
 from edge_m2kd.workspace import Workspace
@@ -35,6 +36,7 @@ from edge_m2kd.workspace import Workspace
 STAGING = "staging"  # WS/staging/<job id>/<class>/: uploads waiting for (or read by) their step
 MAX_EPOCHS = 500
 STREAM_KEEPALIVE_S = 15.0
+STREAM_POLL_S = 0.2
 STATIC = resources.files("edge_m2kd.server") / "static"
 
 
@@ -44,11 +46,11 @@ def create_app(settings: ServerSettings) -> FastAPI:
     views = WorkspaceViews(ws_path)
     jobs = StepJobs(ws_path)
     staging_root = ws_path / STAGING
-    # Uploads of a server that died before its step finished: no step will read them now.
-    shutil.rmtree(staging_root, ignore_errors=True)
+    remove_stale_staging(staging_root, ws_path)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        threading.Thread(target=views.warm, daemon=True, name="warm-views").start()
         yield
         jobs.shutdown()
         views.close()
@@ -142,18 +144,22 @@ def create_app(settings: ServerSettings) -> FastAPI:
         _job_or_404(jobs, job_id)
 
         async def stream() -> AsyncIterator[str]:
-            version = -1
+            # Polls the job's version: cheap, and no thread is held per open stream.
+            version, quiet = -1, 0.0
             while True:
-                state = await asyncio.to_thread(jobs.wait_for_change, job_id, version, STREAM_KEEPALIVE_S)
+                state = jobs.snapshot(job_id)
                 if state is None:
                     return
-                if state["version"] == version:
+                if state["version"] != version:
+                    version, quiet = state["version"], 0.0
+                    yield f"event: job\ndata: {json.dumps(state)}\n\n"
+                    if state["status"] in FINISHED:
+                        return
+                elif quiet >= STREAM_KEEPALIVE_S:
+                    quiet = 0.0
                     yield ": keep-alive\n\n"  # a comment line: proxies and browsers keep the stream open
-                    continue
-                version = state["version"]
-                yield f"event: job\ndata: {json.dumps(state)}\n\n"
-                if state["status"] in FINISHED:
-                    return
+                await asyncio.sleep(STREAM_POLL_S)
+                quiet += STREAM_POLL_S
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"cache-control": "no-store", "x-accel-buffering": "no"})

@@ -71,7 +71,6 @@ class StepJobs:
         self.workspace = Path(workspace)
         self.python = python
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
         self._jobs: dict[str, JobState] = {}
         self._procs: dict[str, subprocess.Popen[str]] = {}
         self.current: str | None = None
@@ -130,11 +129,10 @@ class StepJobs:
 
     # -- follow -----------------------------------------------------------------------------------
     def _update(self, job: JobState, **changes: Any) -> None:
-        with self._changed:
+        with self._lock:
             for key, value in changes.items():
                 setattr(job, key, value)
             job.version += 1
-            self._changed.notify_all()
 
     def _follow(self, job: JobState, proc: subprocess.Popen[str], staging: Path, finetune: int,
                 steps_before: int) -> None:
@@ -203,14 +201,6 @@ class StepJobs:
             job = self._jobs.get(job_id)
             return None if job is None else job.to_dict()
 
-    def wait_for_change(self, job_id: str, version: int, timeout: float) -> dict[str, Any] | None:
-        """The job once its version passes `version` (or after `timeout`), for the event stream."""
-        with self._changed:
-            job = self._jobs.get(job_id)
-            if job is None:
-                return None
-            self._changed.wait_for(lambda: job.version > version, timeout)
-            return job.to_dict()
 
     def cancel(self, job_id: str) -> JobState:
         with self._lock:
@@ -220,8 +210,7 @@ class StepJobs:
                 raise KeyError(job_id)
             if job.status in FINISHED:
                 return job
-            job.status = "cancelling"
-            job.version += 1
+        self._update(job, status="cancelling")
         _terminate(proc)
         return job
 
@@ -244,6 +233,18 @@ def _terminate(proc: subprocess.Popen[str]) -> None:
         proc.wait(TERMINATE_GRACE_S)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def remove_stale_staging(root: Path, workspace: Path) -> None:
+    """At start: uploads a previous server left. Kept while the process the lock file names still
+    lives (a step of a server killed without its clean-up may still be reading them)."""
+    try:
+        pid = int(json.loads((workspace / WRITER_LOCK).read_text())["pid"])
+        os.kill(pid, 0)
+        return  # that writer may be a step reading from here
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def new_staging(root: Path) -> Path:

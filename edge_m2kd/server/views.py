@@ -31,7 +31,8 @@ THUMBNAIL_PX = 64
 class WorkspaceViews:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._lock = threading.Lock()  # one computation of a view at a time; predictions too
+        self._lock = threading.Lock()  # one computation of a view at a time
+        self._predict_lock = threading.Lock()  # one prediction at a time, never behind a report
         self._cache: dict[str, tuple[Any, Any]] = {}
         self._predictor: Any = None
         self._predictor_key: Any = None
@@ -119,7 +120,7 @@ class WorkspaceViews:
 
         if top_k < 1:
             raise UserError(f"top_k must be at least 1, got {top_k}")
-        with self._lock:
+        with self._predict_lock:
             manifest = self.manifest()
             if not manifest["history"]:
                 raise UserError(f"{self.path} has learned no classes yet; teach it a class first")
@@ -128,7 +129,7 @@ class WorkspaceViews:
                 if self._predictor is not None:
                     self._predictor.close()
                     self._predictor = None
-                self._predictor, self._passed_over = open_preferred_predictor(self.path, device="cpu")
+                self._predictor, self._passed_over = open_preferred_predictor(self.path, device="auto")
                 self._predictor_key = key
             p = self._predictor
             start = time.perf_counter()
@@ -139,8 +140,25 @@ class WorkspaceViews:
                       steps=len(manifest["history"]), passed_over=self._passed_over)
         return report
 
+    def warm(self) -> None:
+        """Compute what the first page load asks for (and open the predictor) before anyone asks:
+        the first memory report imports torch's compiler stack and the first plot matplotlib,
+        seconds on a board. Errors are left for the requests themselves to report."""
+        try:
+            self.overview()
+            self.history()
+            self.memory()
+            self.snapshots(False)
+            if self.manifest()["history"]:
+                self.history_png()
+                self.thumbnail(0)
+                size = self.input_size()
+                self.predict(["warm-up"], np.zeros((1, size, size, 3), np.uint8), 1)
+        except Exception:  # noqa: BLE001 - warming is an optimisation; the request path reports errors
+            pass
+
     def close(self) -> None:
-        with self._lock:
+        with self._predict_lock:
             if self._predictor is not None:
                 self._predictor.close()
                 self._predictor = None
