@@ -576,3 +576,21 @@ def predict_images(
         return report
     finally:
         predictor.close()
+
+
+def open_preferred_predictor(ws: str | Path, *, device: str = "auto") -> tuple[Predictor, list[str]]:
+    """The fastest predictor this device can run for ``ws`` now: TensorRT where it is installed
+    and the workspace has a current engine, else onnxruntime on a current ONNX export, else the
+    workspace's own PyTorch model (always current). Also why each faster one was passed over, one
+    line each (e.g. an export made before the last step). For ``serve``, which must answer with
+    whatever is there rather than ask the user to pick a backend."""
+    passed_over = []
+    for backend in BACKENDS[:-1]:
+        if backend == "tensorrt" and (why := tensorrt_unavailable()) is not None:
+            passed_over.append(f"tensorrt: {why}")
+            continue
+        try:
+            return open_predictor(ws, backend, device=device), passed_over
+        except UserError as e:
+            passed_over.append(f"{backend}: {e}")
+    return open_predictor(ws, "torch", device=device), passed_over

@@ -163,18 +163,31 @@ def init(ws: Path, backbone, pretrained, frozen_stages, backbone_lr_scale, lr, i
 @click.option("--on-corrupt", default="skip", show_default=True, type=click.Choice(["skip", "error"]),
               help="an unreadable image among good ones: skip it with a warning, or refuse the step")
 @click.option("--sync-bn", is_flag=True, help="under torchrun on GPUs: BatchNorm statistics over the global batch")
+@click.option("--progress", "progress_format", default="bar", show_default=True, type=click.Choice(["bar", "jsonl"]),
+              help="progress on stderr: bars, or one JSON object per line for a program to read (`serve`)")
 @wait_option
 @click.option("--json", "as_json", is_flag=True)
-def add_classes(ws: Path, data: Path, classes, epochs, batch_size, on_corrupt, sync_bn, wait, as_json) -> None:
+def add_classes(ws: Path, data: Path, classes, epochs, batch_size, on_corrupt, sync_bn, progress_format, wait,
+                as_json) -> None:
     """Learn the new classes in DATA and commit the step. DATA is an image folder (DATA/<class>/*.jpg),
     the CIFAR-100 python release (cifar-100-python/, its train split) or an .npz (x, y, optional classes)."""
+    import time
+
     from tqdm import tqdm
 
     from edge_m2kd.commands import add_classes as run
 
     bars: dict[str, Any] = {}
+    started = time.monotonic()
 
     def progress(phase: str, epoch: int, epochs_total: int, loss: float, ips: float) -> None:
+        if progress_format == "jsonl":
+            # One line per epoch, flushed: the reader (edge_m2kd/server/jobs.py) shows it as it comes.
+            click.echo(json.dumps({"event": "epoch", "phase": phase, "epoch": epoch, "epochs": epochs_total,
+                                   "loss": loss, "images_per_second": ips,
+                                   "seconds": time.monotonic() - started}), err=True)
+            sys.stderr.flush()
+            return
         if phase not in bars:
             for other in bars.values():
                 other.close()
@@ -324,13 +337,11 @@ def memory(ws: Path, budget: str | None, new_images: int | None, as_json: bool) 
 @click.option("--json", "as_json", is_flag=True)
 def snapshots(ws: Path, verify: bool, as_json: bool) -> None:
     """One line per step: classes, bytes, verified or not."""
-    from edge_m2kd.commands import snapshot_report
+    from edge_m2kd.commands import snapshot_report, snapshot_summary
 
     out = snapshot_report(ws, verify)
     if as_json:
-        emit_json({k: out[k] for k in ("policy", "free_fraction", "all_verified")} | {
-            "snapshots": [{k: r[k] for k in ("step", "classes", "bytes", "full_copy_bytes", "verified", "max_abs_diff")}
-                          for r in out["snapshots"]]})
+        emit_json(snapshot_summary(out))
     else:
         for r in out["snapshots"]:
             state = {True: "verified", False: "FAILED", None: "not checked"}[r["verified"]]
@@ -394,3 +405,40 @@ def export(ws: Path, onnx_path, tensorrt_path, precision, max_batch, force, wait
     if out["tensorrt"]:
         click.echo(f"TensorRT engine ({out['precision']}): {out['tensorrt']}"
                    + ("  (from the engine cache)" if out.get("engine_cache_hit") else ""))
+
+
+@main.command()
+@click.argument("ws", type=WS)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on; any other than loopback requires the token on every API call")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="read the access token from this file (default: a new random token, printed)")
+@click.option("--max-upload-mib", default=512, show_default=True, type=click.IntRange(1),
+              help="largest request (all the images of one step) the server accepts")
+def serve(ws: Path, host: str, port: int, token_file: Path | None, max_upload_mib: int) -> None:
+    """A web page for WS: teach classes by uploading images, watch the step, see the memory budget,
+    try the model, export it. See the README's `serve` section for the security model."""
+    import secrets
+
+    import uvicorn
+
+    from edge_m2kd.server import ServerSettings, create_app
+    from edge_m2kd.server.security import read_token_file
+    from edge_m2kd.server.uploads import UploadLimits
+
+    token = read_token_file(token_file) if token_file else secrets.token_urlsafe(24)
+    settings = ServerSettings(workspace=ws, host=host, port=port, token=token,
+                              limits=UploadLimits(max_request_bytes=max_upload_mib * 2**20))
+    app = create_app(settings)
+    shown = f"[{host}]" if ":" in host else host
+    if settings.loopback:
+        click.echo(f"serving {ws} at http://{shown}:{port}/ (this machine only; the page carries the token)")
+    else:
+        # The token goes in the URL's #fragment, which a browser never sends to the server.
+        click.echo(f"serving {ws} on {host}:{port}; open http://<this device>:{port}/#token=" +
+                   ("<the token in " + str(token_file) + ">" if token_file else token))
+        if not token_file:
+            click.echo(f"access token: {token}")
+    sys.stdout.flush()
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

@@ -13,6 +13,7 @@ import numpy as np
 
 from device.probes import board_memory
 from edge_m2kd import distributed, faults
+from edge_m2kd.classnames import check_class_name
 from edge_m2kd.config import PRETRAINED_DEFAULTS, LearnerConfig, method_config
 from edge_m2kd.data import train_val_split
 from edge_m2kd.data.sources import ImageSet, load_source, source_classes
@@ -167,6 +168,8 @@ def _add_classes(ws: Workspace, data: Path, classes: list[str] | None, epochs: i
         classes = [c for c in available if c not in learner.class_names]
         if not classes:
             raise UserError(f"every class in {str(data)!r} is already known ({', '.join(available)}); add folders of new classes")
+    for name in classes:
+        check_class_name(name)  # the rule `serve` applies to a typed name, for folder names too
     learner.refuse_known_or_repeated(classes)  # before reading a single image
     learner.memory.refuse_too_small(len(learner.class_names) + len(classes))
     cfg = learner.cfg
@@ -278,6 +281,13 @@ def snapshot_report(path: str | Path, verify: bool = False) -> dict[str, Any]:
     free = learner.store.free_fraction() if hasattr(learner.store, "free_fraction") else None
     return {"policy": learner.store.policy, "snapshots": rows, "free_fraction": free,
             "all_verified": all(r["verified"] for r in rows) if verify else None}
+
+
+def snapshot_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """What `snapshots --json` prints (and `serve` answers): the report less each snapshot's parts."""
+    return {k: report[k] for k in ("policy", "free_fraction", "all_verified")} | {
+        "snapshots": [{k: r[k] for k in ("step", "classes", "bytes", "full_copy_bytes", "verified", "max_abs_diff")}
+                      for r in report["snapshots"]]}
 
 
 def memory_report(path: str | Path, budget: str | None = None, new_images: int | None = None) -> dict[str, Any]:

@@ -54,6 +54,21 @@ def _holder(lock_path: Path) -> str:
         return "another edge-m2kd process is writing to it"
 
 
+class WorkspaceBusy(UserError):
+    """Another process holds the writer lock (`serve` answers it with 409, not 400)."""
+
+
+def _busy(workspace: Path, holder: str) -> str:
+    return f"{workspace} is busy: {holder}; run again when it has finished, or add --wait"
+
+
+def busy_reason(workspace: Path) -> str:
+    """The line a second writer is refused with, naming the holder the lock file records. For a
+    caller that knows a writer holds the lock (`serve`, whose own step process does): it tests
+    no lock, since even a brief probe could make a writer starting at that instant fail."""
+    return _busy(workspace, _holder(Path(workspace) / WRITER_LOCK))
+
+
 @contextmanager
 def writer_lock(workspace: Path, command: str, wait: bool = False) -> Iterator[None]:
     """Hold the workspace's writer lock for the duration; refuse (UserError) if another
@@ -64,7 +79,7 @@ def writer_lock(workspace: Path, command: str, wait: bool = False) -> Iterator[N
         if not _try_flock(fd, fcntl.LOCK_EX):
             holder = _holder(lock_path)
             if not wait:
-                raise UserError(f"{workspace} is busy: {holder}; run again when it has finished, or add --wait")
+                raise WorkspaceBusy(_busy(workspace, holder))
             warnings.warn(f"waiting for {workspace}: {holder}", stacklevel=3)
             fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from edge_m2kd import faults
@@ -195,6 +195,18 @@ class Workspace:
             if gen is None:
                 return {}
             return from_class_arrays(load_file(gen / "holdout.safetensors"))
+
+    def first_exemplars(self) -> dict[int, np.ndarray]:
+        """Each class's first exemplar, the one herding picked first (the closest to the class
+        mean: its most typical image), read alone from the exemplar file (`serve`'s thumbnails)."""
+        with reading(self.path):
+            self._follow_newer_commit()
+            gen = self.generation_dir
+            if gen is None:
+                return {}
+            with safe_open(gen / "exemplars.safetensors", framework="np") as f:
+                slices = {int(k.split(".")[1]): f.get_slice(k) for k in f.keys()}
+                return {c: s[0:1][0] for c, s in slices.items() if s.get_shape()[0] > 0}
 
     def commit(self, learner: Learner, history_entry: dict[str, Any], holdout: dict[int, np.ndarray]) -> None:
         """Write the learner as a new generation, then switch the manifest to it."""

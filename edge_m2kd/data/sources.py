@@ -154,7 +154,16 @@ def _decode(path: str, size: int) -> np.ndarray:
     # letting PIL issue dozens of small reads on the file (measured on CIFAR's 1 KB JPEGs).
     with open(path, "rb") as fh:
         data = fh.read()
+    return _decode_bytes(data, size)
+
+
+def _decode_bytes(data: bytes, size: int, max_pixels: int | None = None) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as opened:
+        # Image.open reads only the header: refuse a decompression bomb before decoding it.
+        # PIL itself raises above twice its MAX_IMAGE_PIXELS and only warns below that.
+        if max_pixels is not None and opened.width * opened.height > max_pixels:
+            raise Image.DecompressionBombError(f"{opened.width}x{opened.height} pixels, more than the limit of "
+                                               f"{max_pixels}")
         # JPEG only: let libjpeg decode at 1/2..1/8 scale when the target is much smaller,
         # the main cost of big camera photos. Never below `size`, so quality is kept.
         opened.draft("RGB", (size, size))
@@ -165,6 +174,30 @@ def _decode(path: str, size: int) -> np.ndarray:
         if img.size != (size, size):
             img = img.resize((size, size), Image.Resampling.BILINEAR)
         return np.asarray(img, dtype=np.uint8)
+
+
+def decode_upload(data: bytes, size: int, name: str = "upload") -> tuple[np.ndarray, str]:
+    """Bytes a client sent (`serve`'s uploads) decoded exactly as an image folder's files are:
+    the (size, size, 3) uint8 array and the file extension of its format, or a one-line
+    UserError. Stricter than a folder: no more pixels than PIL's decompression-bomb limit
+    (`Image.MAX_IMAGE_PIXELS`, on even if a caller turned it off), and a format whose extension
+    the folder loader reads, so the staged file is read back the same way."""
+    limit = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's default, should someone have set None
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            fmt = (opened.format or "").lower()
+        pixels = _decode_bytes(data, size, max_pixels=limit)
+    except UnidentifiedImageError:
+        raise UserError(f"{_q(name)} is not an image (not in a format PIL can decode); upload JPEG or PNG files") from None
+    except Exception as exc:  # noqa: BLE001 - any failure to decode makes the upload unreadable
+        raise UserError(f"cannot read image {_q(name)} ({type(exc).__name__}: {_one_line(str(exc))}); "
+                        "upload another file") from exc
+    # MPO: the multi-picture JPEG many phones write; PIL reads it from a .jpg by content.
+    ext = {"jpeg": ".jpg", "mpo": ".jpg", "tiff": ".tif"}.get(fmt, f".{fmt}")
+    if ext not in IMAGE_EXTENSIONS:
+        raise UserError(f"{_q(name)} is a {fmt.upper() or 'unknown'} image, which image folders do not read; "
+                        f"upload one of {', '.join(sorted(IMAGE_EXTENSIONS))}")
+    return pixels, ext
 
 
 def _try_decode(path: str, size: int) -> np.ndarray | str:
