@@ -52,6 +52,7 @@ from edge_m2kd.config import (
     SECTIONS,
     LearnerConfig,
     LossConfig,
+    TrainConfig,
     method_config,
 )
 from edge_m2kd.data import (
@@ -105,7 +106,7 @@ class Schedule:
     backbone_lr_scale: float = 1.0
     free_restart: str | None = None  # packed: None is "pretrained" on a pretrained start, else "small_random"
     test_per_class: int | None = None  # None: every test image
-    classifier: str = "cnn"  # the deployed classifier: corrected head or NME
+    classifier: str = TrainConfig.classifier  # the deployed classifier: corrected head, NME or auto
 
 
 _PRE = PRETRAINED_DEFAULTS["train"]
@@ -588,10 +589,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--orders", type=int, default=1, metavar="N",
                    help=f"run N seeded class orders ({ORDER_SEED}, {ORDER_SEED + 1}, ...) and report mean and "
                         "standard deviation (default 1)")
+    p.add_argument("--order-seeds", type=parse_int_list, default=None, metavar="SEEDS",
+                   help="run exactly these class orders, e.g. 1995 (to share a study between processes; "
+                        "their results.json files merge with --from-json A.json,B.json)")
     p.add_argument("--resume", action="store_true",
                    help="keep the methods an earlier run with the same settings finished in --out; run the rest")
-    p.add_argument("--from-json", type=Path, default=None, metavar="RESULTS",
-                   help="train nothing: print the report and draw the plots of a saved results.json")
+    p.add_argument("--from-json", type=lambda text: [Path(x) for x in text.split(",")], default=None,
+                   metavar="RESULTS[,RESULTS...]",
+                   help="train nothing: print the report and draw the plots of a saved results.json "
+                        "(or of several, merged: runs of one study shared between processes)")
     add_output_args(p, NAME)
     args = p.parse_args(argv)
     if args.schedule is None:
@@ -649,10 +655,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with exit_on_user_error():
             train, test = load_data(sched, args.data, args.cache, sched.per_class, sched.test_per_class,
                                     args.validation)
-            seeds = [ORDER_SEED + i for i in range(args.orders)]
+            seeds = args.order_seeds or [ORDER_SEED + i for i in range(args.orders)]
             orders = {seed: split_into_steps(class_order(train.class_names, seed), first, per_step) for seed in seeds}
             result["class_orders"] = {str(seed): [c for s in steps for c in s] for seed, steps in orders.items()}
-            result["class_order"] = result["class_orders"][str(ORDER_SEED)]
+            result["class_order"] = result["class_orders"][str(seeds[0])]
             done = resumed_rows(out / "results.json", result) if args.resume else {}
         planned = {(row_label(n, args), m, o) for o in seeds for m in memories for n in args.methods}
         result["rows"] = [row for key, row in done.items() if key not in planned]  # kept, never dropped
@@ -720,10 +726,25 @@ def finish(result: dict[str, Any], out: Path, args: argparse.Namespace) -> dict[
     return result
 
 
-def from_json(path: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Print the report and draw the plots of a saved results.json, e.g. of a run cut short."""
+def from_json(paths: list[Path], args: argparse.Namespace) -> dict[str, Any]:
+    """Print the report and draw the plots of a saved results.json, e.g. of a run cut short, or
+    of several runs with the same settings (the class orders of one study shared between
+    processes): their rows, methods and class orders together."""
     with exit_on_user_error():
-        result = load_result(path)
+        result = load_result(paths[0])
+        for path in paths[1:]:
+            other = load_result(path)
+            mine = {**result["settings"], "methods": None}
+            theirs = {**other["settings"], "methods": None}
+            differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+            if differ or other["schedule"] != result["schedule"]:
+                raise UserError(f"{path} ran other settings than {paths[0]} ({', '.join(differ) or 'schedule'}); "
+                                "merge only runs of one study")
+            seen = {(r["method"], r["memory"], order_of(r)) for r in result["rows"]}
+            result["rows"] += [r for r in other["rows"] if (r["method"], r["memory"], order_of(r)) not in seen]
+            result["class_orders"] = {**other.get("class_orders", {}), **result.get("class_orders", {})}
+            result["settings"]["methods"] += [m for m in other["settings"]["methods"] if m not in result["settings"]["methods"]]
+            result["complete"] = result["complete"] and other["complete"]
     return finish(result, output_dir(args.out), args)
 
 

@@ -158,6 +158,8 @@ def test_cil_several_orders_on_the_one_class_protocol(tmp_path, capsys):
     assert out["class_orders"]["1993"] != out["class_orders"]["1994"]
     for r in rows:
         assert [len(row) for row in r["accuracy_matrix"]] == list(range(1, 10))  # 2 classes, then 8 of one
+    # Every one-class group is distilled against the rest (the default scope): the term is not zero.
+    assert all(r["last_step_losses"]["mm"] > 0 for r in rows if r["method"] == "m2kd-full")
     diff = cil.paired_difference(rows, 10, "m2kd-full", "icarl")
     final = {(r["method"], r["order_seed"]): r["final_accuracy"] for r in rows}
     expected = [100 * (final["m2kd-full", o] - final["icarl", o]) for o in (1993, 1994)]
@@ -171,3 +173,11 @@ def test_cil_several_orders_on_the_one_class_protocol(tmp_path, capsys):
     report = cil.report_text(again)
     assert "mean ± std over class orders" in report and "m2kd-full - icarl" in report
     assert (tmp_path / "x.png") == cil.plot(again, 10, tmp_path / "x.png")
+    # An order run by another process merges into the study.
+    other = tmp_path / "other"
+    cil.main([*common[:-6], "--out", str(other), "--json", "--no-plot", "--methods", "icarl", "--order-seeds", "1996"])
+    capsys.readouterr()
+    merged = cil.main(["--from-json", f"{tmp_path / 'results.json'},{other / 'results.json'}", "--out",
+                       str(tmp_path / "merged"), "--json", "--no-plot"])
+    assert [(r["method"], r["order_seed"]) for r in merged["rows"]][-1] == ("icarl", 1996)
+    assert len(merged["rows"]) == 7 and "1996" in merged["class_orders"]
