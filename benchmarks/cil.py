@@ -64,6 +64,7 @@ from edge_m2kd.data import (
     split_into_steps,
     train_val_split,
 )
+from edge_m2kd.data.sources import cifar100_root, load_source, source_classes
 from edge_m2kd.errors import UserError
 from edge_m2kd.learner import Learner
 from edge_m2kd.models.backbones import BACKBONES
@@ -181,6 +182,8 @@ def load_data(sched: Schedule, data: Path, cache: Path, per_class: int | None,
     start = time.perf_counter()
     if sched.dataset == "digits":
         train, test = load_digits("train", size=sched.input_size), load_digits("test", size=sched.input_size)
+    elif data.suffix == ".npz" or (data.is_dir() and cifar100_root(data) is not None):
+        train, test = load_arrays(data, sched.input_size)
     else:
         root = cifar_root(data, cache)
         train = load_image_folder(root / "train", sched.input_size)
@@ -192,6 +195,32 @@ def load_data(sched: Schedule, data: Path, cache: Path, per_class: int | None,
     log(f"data: {len(train)} training and {len(test)} test images, {len(train.class_names)} classes "
         f"({time.perf_counter() - start:.1f} s)")
     return train, test
+
+
+NPZ_TEST_FRACTION = 0.2
+
+
+def load_arrays(data: Path, size: int) -> tuple[ImageSet, ImageSet]:
+    """A `cifar-100-python` release (its train and test files) or an .npz (x, y, classes), read
+    as `add-classes` reads them. An .npz is one split: a stratified NPZ_TEST_FRACTION of each
+    class becomes the test set. Classes with no training image (an .npz naming more classes than
+    it holds) are left out, so every step has images."""
+    names = source_classes(data)
+    train = load_source(data, size, names, "train")
+    if data.suffix == ".npz":
+        train, test = train_val_split(train, NPZ_TEST_FRACTION, ORDER_SEED)
+    else:
+        test = load_source(data, size, names, "test")
+    present = [n for i, n in enumerate(train.class_names) if np.any(train.labels == i)]
+    return _relabelled(train, present), _relabelled(test, present)
+
+
+def _relabelled(data: ImageSet, names: list[str]) -> ImageSet:
+    """The images of `names` only, labelled by their place in `names`."""
+    lut = np.array([names.index(n) if n in names else -1 for n in data.class_names], np.int64)
+    labels = lut[data.labels]
+    keep = labels >= 0
+    return ImageSet(data.images[keep], labels[keep], names)
 
 
 # ----------------------------------------------------------------------------- methods
@@ -559,7 +588,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="score on this fraction of each class's training images instead of the test set "
                         "(for choosing defaults)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                   help="CIFAR-10 JPEG tarball, or a folder with train/ and test/ (default ../shared/data/...)")
+                   help="CIFAR-10 JPEG tarball, a folder with train/ and test/, a cifar-100-python folder or an .npz "
+                        "(x, y, classes; 20%% of each class is the test set) (default ../shared/data/...)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the tarball is unpacked, once")
     p.add_argument("--methods", type=parse_names, default=None,
                    help=f"comma list (default all: {','.join(ALL_METHODS)}; with a pretrained schedule "

@@ -22,7 +22,9 @@ from edge_m2kd.evaluation import evaluate
 from edge_m2kd.files import EXPORTS
 from edge_m2kd.learner import Learner, Progress
 from edge_m2kd.memory import (
+    PREDICTION_MARGIN,
     PeakMemorySampler,
+    activation_profile,
     largest_batch_that_fits,
     parse_budget,
     predict_training_peak,
@@ -108,29 +110,50 @@ def _teacher_count(cfg: LearnerConfig, t: int) -> int:
     return len(steps)
 
 
-def _predict_peak(learner: Learner, n_images: int, batch_size: int) -> dict[str, int]:
-    # Training imports torch's compiler stack (the optimizers pull in torch._dynamo, about
-    # 60 MiB here); import it first so the measured runtime baseline already holds it.
-    import torch._dynamo  # noqa: F401
+class _PeakModel:
+    """What a step's prediction measures once, whatever the batch size asked: the runtime
+    baseline (read first, before the activation probe's own allocations) and the activations."""
 
-    cfg = learner.cfg
-    return predict_training_peak(
-        learner.model, cfg.model.input_size, batch_size, n_images,
-        teachers=_teacher_count(cfg, learner.steps_done + 1),
-        snapshot_model_bytes=tensor_bytes(learner.model.state_dict().values()),
-        exemplar_bytes=learner.memory.nbytes,
-        runtime_bytes=process_rss_bytes(),
-        with_aux=cfg.loss.aux_heads or cfg.loss.multi_level,
-    ).to_dict()
+    def __init__(self, learner: Learner, n_images: int, held_out: int = 0, loaded_bytes: int = 0) -> None:
+        # Training imports torch's compiler stack (the optimizers pull in torch._dynamo, about
+        # 60 MiB here); import it first so the measured runtime baseline already holds it.
+        import torch._dynamo  # noqa: F401
+
+        self.learner, self.n_images, self.held_out = learner, n_images, held_out
+        # The resident size holds the learner's weights, its exemplars and the images the caller
+        # has decoded for the step (`loaded_bytes`); the prediction counts each of them as a
+        # part, so they are taken out of the baseline: nothing is counted twice.
+        model = learner.model
+        resident = tensor_bytes([*model.parameters(), *model.buffers()]) + learner.memory.nbytes + loaded_bytes
+        self.runtime = max(0, process_rss_bytes() - resident)
+        cfg = learner.cfg
+        self.with_aux = cfg.loss.aux_heads or cfg.loss.multi_level
+        self.activations = activation_profile(model, cfg.model.input_size, self.with_aux)
+
+    def at(self, batch_size: int) -> dict[str, int]:
+        learner, cfg = self.learner, self.learner.cfg
+        return predict_training_peak(
+            learner.model, cfg.model.input_size, batch_size, self.n_images,
+            teachers=_teacher_count(cfg, learner.steps_done + 1),
+            snapshot_model_bytes=tensor_bytes(learner.model.state_dict().values()),
+            exemplar_bytes=learner.memory.nbytes,
+            runtime_bytes=self.runtime,
+            with_aux=self.with_aux,
+            held_out_images=self.held_out,
+            activations=self.activations,
+        ).to_dict()
 
 
-def _check_budget(budget: int | None, learner: Learner, n_images: int, batch_size: int) -> dict[str, int]:
+def _check_budget(budget: int | None, learner: Learner, train: ImageSet, held_out: ImageSet,
+                  batch_size: int) -> dict[str, int]:
     """Refuse, before any training, a step whose predicted peak exceeds the budget."""
-    peak = _predict_peak(learner, n_images, batch_size)
-    if budget is not None and peak["total"] > budget:
-        fit = largest_batch_that_fits(lambda b: _predict_peak(learner, n_images, b)["total"], budget)
+    model = _PeakModel(learner, len(train), len(held_out), train.images.nbytes + held_out.images.nbytes)
+    peak = model.at(batch_size)
+    if budget is not None and peak["with_margin"] > budget:
+        fit = largest_batch_that_fits(lambda b: model.at(b)["with_margin"], budget)
         hint = f"try --batch-size {fit}" if fit else "even batch size 1 does not fit: raise the budget or use a smaller backbone"
-        raise UserError(f"step refused: predicted peak {peak['total'] / 2**20:.0f} MiB exceeds the budget "
+        raise UserError(f"step refused: predicted peak {peak['total'] / 2**20:.0f} MiB, "
+                        f"{peak['with_margin'] / 2**20:.0f} MiB with the {PREDICTION_MARGIN:.0%} margin, exceeds the budget "
                         f"{budget / 2**20:.0f} MiB at batch size {batch_size}; {hint}")
     return peak
 
@@ -184,7 +207,7 @@ def _add_classes(ws: Workspace, data: Path, classes: list[str] | None, epochs: i
     train, held_out = train_val_split(images, HOLDOUT_FRACTION, cfg.train.seed)
     del images  # the split holds every image; keep one copy, not two, through the step
     t = learner.steps_done + 1
-    predicted = _check_budget(ws.manifest.get("memory_budget_bytes"), learner, len(train), cfg.train.batch_size)
+    predicted = _check_budget(ws.manifest.get("memory_budget_bytes"), learner, train, held_out, cfg.train.batch_size)
     faults.checkpoint("before-train")
     with PeakMemorySampler() as sampler:
         report = learner.step(train, classes, progress)
@@ -298,7 +321,9 @@ def memory_report(path: str | Path, budget: str | None = None, new_images: int |
     n_new = new_images or (history[-1]["train_images"] if history else 5000)
     snapshots = learner.store.bytes_report()
     weights = tensor_bytes(learner.model.state_dict().values())
-    peak = _predict_peak(learner, n_new, cfg.train.batch_size)
+    held = round(n_new * HOLDOUT_FRACTION)  # what add-classes would hold out of n_new images
+    model = _PeakModel(learner, n_new - held, held)
+    peak = model.at(cfg.train.batch_size)
     report: dict[str, Any] = {
         "weights": weights,
         "snapshots": [{"step": s.step, "bytes": s.bytes, **s.parts} for s in snapshots],
@@ -313,11 +338,13 @@ def memory_report(path: str | Path, budget: str | None = None, new_images: int |
     }
     report["stored_total"] = weights + report["snapshots_total"] + report["exemplars"] + (report["exported_engine"] or 0)
     if budget_bytes is not None:
-        report["fits"] = peak["total"] <= budget_bytes
+        report["fits"] = peak["with_margin"] <= budget_bytes
         report["next_step"]["largest_batch_size"] = largest_batch_that_fits(
-            lambda b: _predict_peak(learner, n_new, b)["total"], budget_bytes)
-        image_bytes = cfg.model.input_size**2 * 3
-        report["next_step"]["largest_exemplar_count"] = max(0, (budget_bytes - peak["total"] + peak["exemplars"]) // image_bytes)
+            lambda b: model.at(b)["with_margin"], budget_bytes)
+        # an exemplar is held twice at the peak: in the memory and in the training set
+        image_bytes = 2 * cfg.model.input_size**2 * 3
+        report["next_step"]["largest_exemplar_count"] = max(
+            0, int(budget_bytes / (1 + PREDICTION_MARGIN) - peak["total"] + 2 * peak["exemplars"]) // image_bytes)
     if history and history[-1].get("memory"):
         report["last_step_measured_peak_rss"] = history[-1]["memory"]["measured_peak_rss"]
         report["last_step_predicted_peak"] = history[-1]["memory"]["predicted_peak"]["total"]

@@ -69,15 +69,27 @@ class ExemplarMemory:
         """Shrink old classes, then pick exemplars of the new classes by herding."""
         if not self.enabled:
             return
-        if self.cfg.keep_all:
-            self.images.update(new)
+        if self.cfg.keep_all:  # copies: `new` may be views of a larger array (the training set)
+            self.images.update({c: imgs.copy() for c, imgs in new.items()})
             return
         self.refuse_too_small(len(self.images) + len(new))
         m = self.per_class(len(self.images) + len(new))
-        self.images = {c: imgs[:m] for c, imgs in self.images.items()}
+        # copies, so the larger arrays they were cut from are freed
+        self.images = {c: imgs[:m].copy() if len(imgs) > m else imgs for c, imgs in self.images.items()}
         for c, imgs in new.items():
             feats = F.normalize(embed(imgs), dim=1)
             self.images[c] = imgs[herding(feats, m)]
+
+    def labels(self) -> np.ndarray:
+        """The labels of `arrays()`, without copying an image."""
+        return np.concatenate([np.zeros(0, np.int64), *(np.full(len(self.images[c]), c, np.int64) for c in sorted(self.images))])
+
+    def write_images(self, out: np.ndarray) -> None:
+        """The images of `arrays()`, written into `out` (as many rows as `count`)."""
+        i = 0
+        for c in sorted(self.images):
+            out[i : i + len(self.images[c])] = self.images[c]
+            i += len(self.images[c])
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """All exemplars as (images, labels), class by class."""

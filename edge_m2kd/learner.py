@@ -29,7 +29,6 @@ from edge_m2kd.teachers import build_teachers
 
 # progress(phase, epoch, epochs, mean loss of the epoch, images per second); phase is "train" or "finetune"
 Progress = Callable[[str, int, int, float, float], None]
-EVAL_BATCH = 256  # images per inference batch at 32 px; fewer at larger sizes (see eval_batch)
 PROBE_SIZE = 8
 M = TypeVar("M", bound=torch.nn.Module)
 
@@ -134,7 +133,6 @@ class Learner:
         t, start = self.steps_done + 1, time.perf_counter()
         torch.manual_seed(self.cfg.train.seed + t)
         new_ids = list(range(len(self.class_names), len(self.class_names) + len(classes)))
-        new_images = {c: data.images[data.labels == data.class_names.index(n)] for c, n in zip(new_ids, classes)}
         if t == 1 and (weights := self.pretrained()) is not None:
             load_pretrained(self.model.backbone, weights, self.cfg.model.backbone)
         self.class_names += classes
@@ -142,8 +140,7 @@ class Learner:
         self.model.add_classes(len(classes))
         self.model.to(self.device)
 
-        images, labels = self._training_set(new_images)
-        del new_images  # the training set holds them; one copy fewer at the training peak
+        images, labels = self._training_set(data, dict(zip(new_ids, classes)))
         terms = teacher_terms(t, self.groups, self.cfg.loss)
         snapshots = {k: self.store.teacher(k) for k in sorted({k for k, _ in terms})}
         teachers = build_teachers(snapshots, self.cfg.train.teacher_mode)
@@ -172,7 +169,10 @@ class Learner:
                   [*terms, (t, list(range(model.num_classes)))])
 
         self.store.consolidate(self.model, t, finetune_pruned)
-        self.memory.update(self.embed, {c: images[labels == c] for c in new_ids})
+        # The training set holds the new classes first, class by class: views, not copies.
+        n_new = int(np.count_nonzero(labels >= new_ids[0]))  # the exemplars' labels are all older
+        starts = np.searchsorted(labels[:n_new], [*new_ids, new_ids[-1] + 1])
+        self.memory.update(self.embed, {c: images[a:b] for c, a, b in zip(new_ids, starts[:-1], starts[1:])})
         self._correct_bias(new_ids)
         self.class_means = self.memory.class_means(self.embed, self.model.num_classes)
         self.store.commit(t, self.model, probe=images[:PROBE_SIZE])
@@ -205,14 +205,17 @@ class Learner:
         cid = self.class_names.index(name)
         return next(k + 1 for k, g in enumerate(self.groups) if cid in g)
 
-    def _training_set(self, new_images: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        ex_images, ex_labels = self.memory.arrays()
-        images = [imgs for imgs in new_images.values()]
-        labels = [np.full(len(imgs), c, np.int64) for c, imgs in new_images.items()]
-        if len(ex_images):
-            images.append(ex_images)
-            labels.append(ex_labels)
-        return np.concatenate(images), np.concatenate(labels)
+    def _training_set(self, data: ImageSet, new: dict[int, str]) -> tuple[np.ndarray, np.ndarray]:
+        """The new classes' images (class by class, in data order) then the exemplars, written
+        into one array: the step holds `data` and this, and nothing else of its images."""
+        rows = [np.flatnonzero(data.labels == data.class_names.index(name)) for name in new.values()]
+        ex_labels = self.memory.labels()
+        n_new = sum(len(r) for r in rows)
+        images = np.empty((n_new + len(ex_labels), *data.images.shape[1:]), data.images.dtype)
+        np.take(data.images, np.concatenate(rows), axis=0, out=images[:n_new])
+        self.memory.write_images(images[n_new:])
+        labels = np.concatenate([*(np.full(len(r), c, np.int64) for c, r in zip(new, rows)), ex_labels])
+        return images, labels
 
     def _to_device(self, model: M) -> M:
         model = model.to(self.device)
@@ -342,12 +345,13 @@ class Learner:
         return torch.cat(logits), torch.cat(feats)
 
     def eval_batch(self) -> int:
-        """Inference batch size: 256 images of 32 px, the same pixels per batch at larger sizes,
-        never fewer than a training batch. A training step's peak memory (memory.py) counts a
-        training batch's activations; a 256-image batch at 224 px alone took 2.5 GiB more
-        (measured: a MobileNetV2 step's peak RSS 4.0 GiB against 1.5 GiB predicted)."""
-        size = self.cfg.model.input_size
-        return max(self.cfg.train.batch_size, min(EVAL_BATCH, EVAL_BATCH * 32 * 32 // (size * size)))
+        """Inference batch size: the training batch. Its tensors are the sizes the training loop
+        freed, so the heap it left is reused, and a step's peak stays its training peak (memory.py
+        predicts that one). Measured: at 256 images of 32 px (the size this was before), the
+        herding after a ResNet-32 step grew the process 117 MiB past its training peak, and the
+        step's peak was 0.76 of the prediction; at the training batch it stays 50 MiB below. A
+        256-image batch at 224 px alone took 2.5 GiB (a MobileNetV2 step: 4.0 GiB against 1.5)."""
+        return self.cfg.train.batch_size
 
     def embed(self, images: np.ndarray) -> torch.Tensor:
         return self._forward_all(images)[1].clone()

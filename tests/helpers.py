@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
+from pathlib import Path
+
 import numpy as np
 
 from edge_m2kd.config import method_config
@@ -37,3 +40,38 @@ def quick_config(method: str = "m2kd", policy: str | None = None, epochs: int = 
     if policy:
         cfg.snapshots.policy = policy
     return cfg
+
+
+def fake_cifar100(root: Path, n: int = 5, protocol: int = pickle.DEFAULT_PROTOCOL, str_keys: bool = False,
+                  classes: int = 100) -> np.ndarray:
+    """A tiny release with the real structure (image i has fine label i % classes, meta names all
+    100 classes); returns the planar data array written."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+    # Image 0, row 1, column 2: R=11, G=22, B=33 (planes of 1024 values each).
+    data[0, 0 * 1024 + 1 * 32 + 2] = 11
+    data[0, 1 * 1024 + 1 * 32 + 2] = 22
+    data[0, 2 * 1024 + 1 * 32 + 2] = 33
+
+    def key(k: str) -> str | bytes:
+        return k if str_keys else k.encode()
+
+    for split in ("train", "test"):
+        batch = {
+            key("filenames"): [f"img_{i}.png".encode() for i in range(n)],
+            key("batch_label"): f"{split} batch".encode(),
+            key("fine_labels"): [i % classes for i in range(n)],
+            key("coarse_labels"): [i % 20 for i in range(n)],
+            key("data"): data,
+        }
+        with open(root / split, "wb") as fh:
+            pickle.dump(batch, fh, protocol=protocol)
+    names = [f"class_{i}" for i in range(100)]
+    meta = {
+        key("fine_label_names"): names if str_keys else [s.encode() for s in names],
+        key("coarse_label_names"): [f"super_{i}".encode() for i in range(20)],
+    }
+    with open(root / "meta", "wb") as fh:
+        pickle.dump(meta, fh, protocol=protocol)
+    return data

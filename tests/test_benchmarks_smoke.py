@@ -181,3 +181,37 @@ def test_cil_several_orders_on_the_one_class_protocol(tmp_path, capsys):
                        str(tmp_path / "merged"), "--json", "--no-plot"])
     assert [(r["method"], r["order_seed"]) for r in merged["rows"]][-1] == ("icarl", 1996)
     assert len(merged["rows"]) == 7 and "1996" in merged["class_orders"]
+
+
+@pytest.mark.parametrize("form", ["npz", "cifar-100-python"])
+def test_cil_reads_an_npz_or_a_cifar100_release(tmp_path, capsys, form):
+    """--data as add-classes takes it; classes the file names but holds no image of are left out."""
+    from helpers import fake_cifar100
+
+    if form == "npz":
+        rng = np.random.default_rng(0)
+        data = tmp_path / "d.npz"
+        np.savez(data, x=rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8), y=np.arange(40) % 4,
+                 classes=np.array(["cat", "dog", "owl", "eel", "unused"]))
+        names = {"cat", "dog", "owl", "eel"}
+    else:
+        data = tmp_path / "cifar-100-python"
+        fake_cifar100(data, n=40, classes=4)
+        names = {f"class_{i}" for i in range(4)}
+    cil.main(["--schedule", "cpu-short", "--data", str(data), "--backbone", "resnet20", "--input-size", "16",
+              "--methods", "finetune", "--epochs", "1", "--memory", "8", "--threads", "1",
+              "--out", str(tmp_path / "out"), "--json"])
+    out = _stdout_json(capsys)
+    assert set(out["class_order"]) == names
+    (row,) = out["rows"]
+    assert [len(r) for r in row["accuracy_matrix"]] == [1, 2]  # four classes: two steps of two
+
+
+def test_cil_splits_an_npz_into_disjoint_train_and_test(tmp_path):
+    x = np.zeros((30, 8, 8, 3), np.uint8)
+    x[:, 0, 0, 0] = np.arange(30)  # every image its own
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(30) % 3)
+    train, test = cil.load_arrays(tmp_path / "d.npz", 8)
+    assert train.class_names == test.class_names == ["0", "1", "2"]
+    assert np.bincount(test.labels).tolist() == [2, 2, 2] and len(train) == 24
+    assert not set(train.images[:, 0, 0, 0]) & set(test.images[:, 0, 0, 0])

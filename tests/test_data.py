@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import fake_cifar100
 from PIL import Image
 
 from edge_m2kd.data import (
@@ -235,44 +236,11 @@ def test_image_folder_only_corrupt_images(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- CIFAR-100
 
 
-def _fake_cifar100(root: Path, n: int = 5, protocol: int = pickle.DEFAULT_PROTOCOL, str_keys: bool = False) -> np.ndarray:
-    """A tiny release with the real structure; returns the planar data array written."""
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-    # Image 0, row 1, column 2: R=11, G=22, B=33 (planes of 1024 values each).
-    data[0, 0 * 1024 + 1 * 32 + 2] = 11
-    data[0, 1 * 1024 + 1 * 32 + 2] = 22
-    data[0, 2 * 1024 + 1 * 32 + 2] = 33
-
-    def key(k: str) -> str | bytes:
-        return k if str_keys else k.encode()
-
-    for split in ("train", "test"):
-        batch = {
-            key("filenames"): [f"img_{i}.png".encode() for i in range(n)],
-            key("batch_label"): f"{split} batch".encode(),
-            key("fine_labels"): [i % 100 for i in range(n)],
-            key("coarse_labels"): [i % 20 for i in range(n)],
-            key("data"): data,
-        }
-        with open(root / split, "wb") as fh:
-            pickle.dump(batch, fh, protocol=protocol)
-    names = [f"class_{i}" for i in range(100)]
-    meta = {
-        key("fine_label_names"): names if str_keys else [s.encode() for s in names],
-        key("coarse_label_names"): [f"super_{i}".encode() for i in range(20)],
-    }
-    with open(root / "meta", "wb") as fh:
-        pickle.dump(meta, fh, protocol=protocol)
-    return data
-
-
 @pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL, 5])
 @pytest.mark.parametrize("str_keys", [False, True])
 def test_cifar100_round_trip(tmp_path: Path, protocol: int, str_keys: bool) -> None:
     root = tmp_path / "cifar-100-python"
-    data = _fake_cifar100(root, protocol=protocol, str_keys=str_keys)
+    data = fake_cifar100(root, protocol=protocol, str_keys=str_keys)
     for split in ("train", "test"):
         ds = load_cifar100(root, split)
         assert ds.images.shape == (5, 32, 32, 3) and ds.images.dtype == np.uint8
@@ -301,7 +269,7 @@ class _Evil:
 @pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL])
 def test_cifar100_malicious_pickle_refused(tmp_path: Path, protocol: int) -> None:
     marker = tmp_path / "pwned"
-    _fake_cifar100(tmp_path)
+    fake_cifar100(tmp_path)
     payloads = [
         (os.system, (f"touch {marker}",), "system"),
         (builtins.eval, (f"open({str(marker)!r}, 'w')",), "eval"),
@@ -318,7 +286,7 @@ def test_cifar100_malicious_pickle_refused(tmp_path: Path, protocol: int) -> Non
     # A malicious meta is refused as well, not only the data files.
     with open(tmp_path / "meta", "wb") as fh:
         pickle.dump({b"fine_label_names": _Evil(os.system, (f"touch {marker}",))}, fh, protocol=protocol)
-    _fake_cifar100(tmp_path / "x")  # fresh train/test
+    fake_cifar100(tmp_path / "x")  # fresh train/test
     (tmp_path / "x" / "meta").write_bytes((tmp_path / "meta").read_bytes())
     with pytest.raises(UserError, match="refused global"):
         load_cifar100(tmp_path / "x", "test")
@@ -326,7 +294,7 @@ def test_cifar100_malicious_pickle_refused(tmp_path: Path, protocol: int) -> Non
 
 
 def test_cifar100_garbage_file(tmp_path: Path) -> None:
-    _fake_cifar100(tmp_path)
+    fake_cifar100(tmp_path)
     (tmp_path / "test").write_bytes(b"\x80\x02garbage")
     with pytest.raises(UserError) as exc:
         load_cifar100(tmp_path, "test")

@@ -437,7 +437,7 @@ def load_cifar100(root: str | Path, split: Literal["train", "test"]) -> ImageSet
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     # Users often point at the folder they extracted the tarball into; accept that too.
-    root = _cifar100_root(Path(root)) or Path(root)
+    root = cifar100_root(Path(root)) or Path(root)
     for name in (split, "meta"):
         if not (root / name).is_file():
             raise UserError(
@@ -542,7 +542,7 @@ def load_npz(path: str | Path) -> ImageSet:
 # folder (DATA/<class>/*.jpg), the CIFAR-100 python release, or an .npz of arrays.
 
 
-def _cifar100_root(path: Path) -> Path | None:
+def cifar100_root(path: Path) -> Path | None:
     """The release folder (holding train, test and meta) at or just below `path`, or None."""
     for root in (path, path / "cifar-100-python"):
         if (root / "meta").is_file():
@@ -556,7 +556,7 @@ def source_classes(data: str | Path) -> list[str]:
     data = Path(data)
     if data.suffix == ".npz":
         return load_npz(data).class_names
-    cifar = _cifar100_root(data) if data.is_dir() else None
+    cifar = cifar100_root(data) if data.is_dir() else None
     if cifar is not None:
         meta = _restricted_load(cifar / "meta")
         return [n.decode("utf-8") if isinstance(n, bytes) else str(n)
@@ -577,7 +577,7 @@ def load_source(data: str | Path, size: int, classes: list[str], split: Literal[
     """The images of `classes` in DATA at size x size. `split` picks the release's train or test
     file; an image folder or an .npz is one split already."""
     data = Path(data)
-    cifar = _cifar100_root(data) if data.is_dir() else None
+    cifar = cifar100_root(data) if data.is_dir() else None
     if data.suffix != ".npz" and cifar is None:
         return load_image_folder(data, size, classes, on_corrupt=on_corrupt)
     whole = load_npz(data) if cifar is None else load_cifar100(cifar, split)
