@@ -42,7 +42,15 @@ from benchmarks.common import (
     torch_threads,
     write_json,
 )
-from edge_m2kd.config import METHODS, PRETRAINED_DEFAULTS, LearnerConfig, LossConfig, method_config
+from edge_m2kd.config import (
+    METHODS,
+    PRETRAINED_DEFAULTS,
+    TEACHER_PRECISIONS,
+    LearnerConfig,
+    LossConfig,
+    TrainConfig,
+    method_config,
+)
 from edge_m2kd.data import (
     ImageSet,
     class_order,
@@ -219,7 +227,9 @@ def method_cfg(name: str, sched: Schedule, memory: int, args: argparse.Namespace
                   "frozen_stages": sched.frozen_stages},
         "train": {"epochs": sched.epochs, "batch_size": sched.batch_size, "lr": sched.lr, "crop_pad": sched.crop_pad,
                   "flip": sched.flip, "device": sched.device, "seed": args.seed, "classifier": sched.classifier,
-                  "backbone_lr_scale": sched.backbone_lr_scale, "bias_correction": args.bias_correction},
+                  "backbone_lr_scale": sched.backbone_lr_scale, "bias_correction": args.bias_correction,
+                  **({"teacher_precision": args.teacher_precision} if args.teacher_precision else {}),
+                  "teacher_subset": args.teacher_subset},
         "snapshots": {"planned_steps": N_STEPS, "prune_finetune_epochs": sched.prune_finetune_epochs,
                       "free_restart": sched.free_restart or ("pretrained" if sched.pretrained else "small_random")},
     }
@@ -444,6 +454,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--loss", type=parse_loss_override, action="append", default=[], metavar="KEY=VALUE",
                    help="set a loss option of the m2kd methods (repeatable), e.g. distill_reduction=sum or "
                         "last_model_all_old=true; their rows are named with it, so the targets skip them")
+    p.add_argument("--teacher-precision", choices=TEACHER_PRECISIONS, default=None,
+                   help="number format of every method's teachers (default: the library's, auto)")
+    p.add_argument("--teacher-subset", type=int, default=TrainConfig.teacher_subset, metavar="K",
+                   help="teacher terms asked per batch, a random K weighted to be unbiased (0: all; "
+                        "default the library's)")
     p.add_argument("--seed", type=int, default=1993, help="learner seed (the class order is fixed by seed 1993)")
     p.add_argument("--resume", action="store_true",
                    help="keep the methods an earlier run with the same settings finished in --out; run the rest")
@@ -490,6 +505,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "memories": memories,
         "accuracy_unit": "fraction",
         "settings": {**asdict(sched), "bias_correction": args.bias_correction,
+                     "teacher_precision": args.teacher_precision or TrainConfig.teacher_precision,
+                     "teacher_subset": args.teacher_subset,
                      "seed": args.seed, "order_seed": ORDER_SEED,
                      "methods": args.methods, "ablation_snapshots": args.ablation_snapshots,
                      "loss_overrides": dict(args.loss),
@@ -541,7 +558,8 @@ def resumed_rows(path: Path, result: dict[str, Any]) -> dict[tuple[str, int], di
     mine = {**result["settings"], "methods": None}
     # Runs saved before a setting existed ran with its default.
     defaults = {"loss_overrides": {}, "bias_correction": "weight_aligning", "pretrained": None, "frozen_stages": 0,
-                "backbone_lr_scale": 1.0, "free_restart": None, "validation": 0.0, "test_per_class": None, "classifier": "cnn"}
+                "backbone_lr_scale": 1.0, "free_restart": None, "validation": 0.0, "test_per_class": None, "classifier": "cnn",
+                "teacher_precision": "fp32", "teacher_subset": 0}
     theirs = {**defaults, **earlier.get("settings", {}), "methods": None}
     differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
     differ += [k for k in same if earlier.get(k) != result.get(k)]

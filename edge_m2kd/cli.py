@@ -12,7 +12,14 @@ from typing import Any
 
 import click
 
-from edge_m2kd.config import BACKBONE_NAMES, DEVICES, METHODS, PRETRAINED_DEFAULTS, SNAPSHOT_POLICIES
+from edge_m2kd.config import (
+    BACKBONE_NAMES,
+    DEVICES,
+    METHODS,
+    PRETRAINED_DEFAULTS,
+    SNAPSHOT_POLICIES,
+    TEACHER_PRECISIONS,
+)
 from edge_m2kd.errors import UserError
 
 # Set before torch loads (every command imports it lazily, below), since OpenMP reads it once.
@@ -123,15 +130,19 @@ wait_option = click.option("--wait", is_flag=True,
               help="packed snapshots: how many steps the free weights must last")
 @click.option("--flip/--no-flip", default=True, show_default=True,
               help="mirror images in training; turn off where a mirror image is another class (text, digits, signs)")
+@click.option("--teacher-precision", default="auto", show_default=True, type=click.Choice(TEACHER_PRECISIONS),
+              help="number format the frozen teachers run in; auto: int8 on a CPU, fp16 under CUDA, each only "
+                   "while its logits stay within a KL of 0.01 of fp32 (checked at every step)")
 @wait_option
 @click.option("--json", "as_json", is_flag=True)
 def init(ws: Path, backbone, pretrained, frozen_stages, backbone_lr_scale, lr, input_size, policy, exemplars, method,
-         memory_budget, device, epochs, batch_size, planned_steps, flip, wait, as_json) -> None:
+         memory_budget, device, epochs, batch_size, planned_steps, flip, teacher_precision, wait, as_json) -> None:
     """Create a workspace WS."""
     from edge_m2kd.commands import init_workspace
 
     out = init_workspace(ws, backbone, input_size, policy, exemplars, method, memory_budget, device, epochs,
-                         batch_size, planned_steps, flip, pretrained, frozen_stages, backbone_lr_scale, lr, wait=wait)
+                         batch_size, planned_steps, flip, pretrained, frozen_stages, backbone_lr_scale, lr, wait=wait,
+                         teacher_precision=teacher_precision)
     if as_json:
         emit_json(out)
     else:

@@ -44,10 +44,11 @@ def teacher_terms(step: int, groups: list[list[int]], cfg: LossConfig) -> list[t
 @dataclass
 class LossTerms:
     total: torch.Tensor
-    cls: float
-    aux: float
-    mm: float
-    ml: float
+    # The terms as detached 0-d tensors: a float() per term and batch would wait for a GPU.
+    cls: torch.Tensor
+    aux: torch.Tensor
+    mm: torch.Tensor
+    ml: torch.Tensor
 
 
 def scoped_logits(z: torch.Tensor, cols: list[int], known: int, scope: str, temperature: float) -> torch.Tensor:
@@ -87,6 +88,7 @@ def m2kd_loss(
     terms: list[tuple[int, list[int]]],
     teacher_outs: dict[int, NetOutput],
     cfg: LossConfig,
+    distill_scale: float = 1.0,  # sample_terms' weight, when the terms are a random subset
 ) -> LossTerms:
     zero = out.logits.new_zeros(())
     cls = F.cross_entropy(out.logits, targets)
@@ -98,5 +100,18 @@ def m2kd_loss(
         mm = _distill([out.logits], [[teacher_outs[k].logits] for k, _ in terms], terms, cfg)
         if cfg.multi_level and out.aux_logits:
             ml = _distill(out.aux_logits, [teacher_outs[k].aux_logits for k, _ in terms], terms, cfg)
+    mm, ml = mm * distill_scale, ml * distill_scale
     total = cls + cfg.aux_weight * aux + cfg.multi_model_weight * mm + cfg.multi_level_weight * ml
-    return LossTerms(total, *(float(x.detach()) for x in (cls, aux, mm, ml)))
+    return LossTerms(total, *(x.detach() for x in (cls, aux, mm, ml)))
+
+
+def sample_terms(terms: list[tuple[int, list[int]]], size: int, reduction: str,
+                 generator: torch.Generator | None = None) -> tuple[list[tuple[int, list[int]]], float]:
+    """A uniformly random subset of `size` terms (all of them when size is 0 or not smaller) and
+    the distill_scale that makes m2kd_loss on it an unbiased estimate of m2kd_loss on all terms:
+    1 for the mean over terms (a random subset's mean is unbiased), n/size for their sum."""
+    n = len(terms)
+    if size <= 0 or size >= n:
+        return terms, 1.0
+    chosen = sorted(torch.randperm(n, generator=generator)[:size].tolist())
+    return [terms[i] for i in chosen], (n / size if reduction == "sum" else 1.0)
