@@ -87,7 +87,9 @@ def prepare_step(method: str, t: int, batches: int, batch_size: int, backbone: s
     images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
     labels = rng.integers(0, t * CLASSES_PER_STEP, n).astype(np.int64)
     snapshots = {k: _snapshot(learner, k * CLASSES_PER_STEP, k, images) for k in sorted({k for k, _ in terms})}
-    teachers, choice = learner._teachers(snapshots, images)
+    # The teachers as a step of `cpu-short` size prepares them (1,200 images, 30 + 5 epochs), not
+    # as for the few timed batches, which auto would rightly keep in fp32 (INT8_MIN_IMAGES).
+    teachers, choice = learner._teachers(snapshots, images, teacher_images=1200 * 35)
     info = {"precision": choice.to_dict(), "flops": None}
     if choice.used == "fp32":  # quantized kernels are not in FlopCounterMode's table
         with FlopCounterMode(display=False) as counter:

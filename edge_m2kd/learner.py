@@ -183,12 +183,17 @@ class Learner:
         return StepReport(t, classes, len(images), seconds, n_seen / seconds, n_seen / max(train_seconds, 1e-9), losses,
                           sorted(snapshots), timer.total(seconds), precision.to_dict())
 
-    def _teachers(self, snapshots: dict[int, IncrementalNet],
-                  images: np.ndarray) -> tuple[torch.nn.Module | None, teacher_precision.PrecisionChoice]:
+    def _teachers(self, snapshots: dict[int, IncrementalNet], images: np.ndarray,
+                  teacher_images: int | None = None) -> tuple[torch.nn.Module | None, teacher_precision.PrecisionChoice]:
         """The step's teachers, in the configured precision; int8 is calibrated (and ``auto``
         checked against fp32) on batches of the step's own augmented training images, drawn
-        from a generator of their own so that training sees the same batches either way."""
+        from a generator of their own so that training sees the same batches either way.
+        `teacher_images`: how many images each teacher reads in the step (default: the training
+        set times the training and fine-tuning epochs)."""
         tc = self.cfg.train
+        if teacher_images is None:
+            finetune = self.cfg.snapshots.prune_finetune_epochs if self.cfg.snapshots.policy != "full" else 0
+            teacher_images = len(images) * (tc.epochs + finetune)
         teachers = build_teachers(snapshots, tc.teacher_mode)
         if teachers is not None:
             self._to_device(teachers)
@@ -205,7 +210,8 @@ class Learner:
 
         with_aux = self.cfg.loss.multi_level
         return teacher_precision.prepare(teachers, tc.teacher_precision, self.device, batches, with_aux,
-                                         self.cfg.loss.temperature, tc.teacher_tolerance_kl)
+                                         self.cfg.loss.temperature, tc.teacher_tolerance_kl,
+                                         teacher_images=teacher_images)
 
     def _new_classes(self, data: ImageSet, classes: list[str] | None) -> list[str]:
         present = [n for i, n in enumerate(data.class_names) if np.any(data.labels == i)]

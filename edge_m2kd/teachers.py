@@ -112,11 +112,11 @@ class StackedTeachers(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
 
-    def to(self, *args, **kwargs):  # noqa: ANN002, ANN003 - heads are plain tensors: move them too
+    def to(self, *args, **kwargs):  # noqa: ANN002, ANN003 - heads are plain tensors: move (and cast) them too
         super().to(*args, **kwargs)
-        device = self.stem[0].weight.device
-        self.heads = [(w.to(device), b.to(device)) for w, b in self.heads]
-        self.aux_heads = [[(w.to(device), b.to(device)) for w, b in heads] for heads in self.aux_heads]
+        device, dtype = self.stem[0].weight.device, self.stem[0].weight.dtype
+        self.heads = [(w.to(device, dtype), b.to(device, dtype)) for w, b in self.heads]
+        self.aux_heads = [[(w.to(device, dtype), b.to(device, dtype)) for w, b in heads] for heads in self.aux_heads]
         return self
 
     def forward(self, x: torch.Tensor, with_aux: bool = True, frozen: list[torch.Tensor] | None = None,

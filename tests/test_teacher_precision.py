@@ -62,12 +62,16 @@ def test_auto_refuses_int8_when_the_tolerance_is_violated(trained):
     teachers = _teachers(learner)
     kept, choice = tp.prepare(teachers, "auto", tolerance_kl=0.0, **args)
     assert kept is teachers and choice.used == "fp32" and choice.errors["int8"]["kl"] > 0
+    assert list(choice.errors) == tp.candidates(torch.device("cpu"))  # every candidate was checked, and refused
     lowered, choice = tp.prepare(teachers, "auto", tolerance_kl=1.0, **args)
     assert isinstance(lowered, tp.Int8Teachers) and choice.used == "int8"
+    # a step too small to win back int8's set-up keeps it out of auto
+    few = tp.prepare(teachers, "auto", tolerance_kl=1.0, teacher_images=tp.INT8_MIN_IMAGES - 1, **args)[1]
+    assert "int8" not in few.errors and few.used == ("bf16" if tp.fast_cpu_bf16() else "fp32")
     # an explicit int8 is used whatever the error, and stacked teachers have no int8 path
     assert tp.prepare(teachers, "int8", tolerance_kl=0.0, **args)[1].used == "int8"
     stacked = StackedTeachers({k: learner.store.teacher(k) for k in (1, 2)})
-    assert tp.prepare(stacked, "auto", tolerance_kl=1.0, **args)[1].used == "fp32"
+    assert tp.prepare(stacked, "auto", tolerance_kl=1.0, **args)[1].used == ("bf16" if tp.fast_cpu_bf16() else "fp32")
     with pytest.raises(UserError, match="teacher_mode folded"):
         tp.build(stacked, "int8", batches[:1])
 
@@ -117,6 +121,15 @@ def test_cast_teachers_run_in_their_dtype_and_return_fp32(trained, name):
         ref = fp32(x)
     assert all(o.logits.dtype == torch.float32 and all(a.dtype == torch.float32 for a in o.aux_logits)
                for o in got.values())
+    assert tp.logit_error(ref, got, 2.0)["kl"] < 0.01
+
+
+def test_bf16_stacked_teachers_cast_their_heads_too(trained):
+    learner, batches = trained
+    stacked = StackedTeachers({k: learner.store.teacher(k) for k in (1, 2)})
+    lowered = tp.build(stacked, "bf16", batches)
+    with torch.inference_mode():
+        got, ref = lowered(batches[0][0]), stacked(batches[0][0])
     assert tp.logit_error(ref, got, 2.0)["kl"] < 0.01
 
 

@@ -55,14 +55,9 @@ def random_crop_flip(
     """
     if x.ndim != 4:
         raise ValueError(f"x must be NCHW, got shape {tuple(x.shape)}")
-    n, c, h, w = x.shape
-    index = _window_index(n, h, w, pad, flip, generator, x.device)
-    if index is None:
+    if pad == 0 and not flip:
         return x
-    x = F.pad(x, (pad, pad, pad, pad)) if pad else x
-    # One gather on (N, C, Hp*Wp): measured 6x faster on CPU than two gathers or 4-way indexing.
-    flat = x.reshape(n, c, x.shape[2] * x.shape[3])
-    return flat.gather(2, index[:, None, :].expand(n, c, h * w)).view(n, c, h, w)
+    return random_crop_flip_nhwc(x.permute(0, 2, 3, 1), pad, flip, generator).permute(0, 3, 1, 2).contiguous()
 
 
 def random_crop_flip_nhwc(
@@ -78,6 +73,7 @@ def random_crop_flip_nhwc(
     if index is None:
         return x
     x = F.pad(x, (0, 0, pad, pad, pad, pad)) if pad else x
+    # One gather over the flattened padded images (two gathers or 4-way indexing: 6x slower on CPU).
     flat = x.reshape(n, x.shape[1] * x.shape[2], c)
     return flat.gather(1, index[:, :, None].expand(n, h * w, c)).view(n, h, w, c)
 
