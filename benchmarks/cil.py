@@ -313,6 +313,7 @@ def run_method(name: str, cfg: LearnerConfig, memory: int, train: ImageSet, test
         "seconds": result["seconds"],
         "train_seconds": sum(s["seconds"] for s in result["steps"]),
         "accuracy_per_step": [s["accuracy"] for s in result["steps"]],
+        "teacher_precision_per_step": [s.get("teacher_precision") for s in result["steps"]],
         "nme_accuracy_per_step": [s["nme_accuracy"] for s in result["steps"]],
         "accuracy_matrix": result["accuracy_matrix"],
         "classifier": result["classifier"],

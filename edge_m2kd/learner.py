@@ -202,10 +202,14 @@ class Learner:
 
         @torch.no_grad()
         def batches(n: int) -> list[teacher_precision.Batch]:
+            # IncrementalNet.train puts the frozen stages in eval mode, which a freshly built (or
+            # loaded) model's are not yet: in training mode this forward would move their
+            # BatchNorm statistics, which every snapshot shares.
+            self.model.train(self.model.training)
             out = []
             for idx in torch.randperm(len(images), generator=gen)[: n * tc.batch_size].split(tc.batch_size):
                 x = self._batch(images_t[idx], True, gen)
-                out.append((x, self.model.frozen_outputs(x)))  # frozen stages are always in eval mode
+                out.append((x, self.model.frozen_outputs(x)))
             return out
 
         with_aux = self.cfg.loss.multi_level

@@ -206,3 +206,18 @@ def test_learner_batch_is_the_shared_input_transform():
     x = learner._batch(images, augment=False)
     assert x.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(x, normalize(to_unit(images)), atol=1e-5)
+
+
+def test_preparing_teachers_leaves_the_frozen_stages_alone():
+    """The calibration batches run the student's frozen stages: a model fresh from a workspace
+    has them in training mode until .train() is called, and their BatchNorm statistics are shared
+    by every snapshot."""
+    learner = Learner(quick_config(model={"frozen_stages": 1}))
+    data = blobs()
+    learner.step(data, ["c0", "c1"])
+    fresh = Learner.from_state(learner.cfg, *learner.state())
+    before = {k: v.clone() for k, v in fresh.model.state_dict().items() if "running" in k}
+    snapshots = {1: fresh.store.teacher(1)}
+    fresh._teachers(snapshots, data.images[:64], teacher_images=10**6)
+    after = fresh.model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
