@@ -50,6 +50,7 @@ from edge_m2kd.config import (
     METHODS,
     PRETRAINED_DEFAULTS,
     SECTIONS,
+    TEACHER_PRECISIONS,
     LearnerConfig,
     LossConfig,
     TrainConfig,
@@ -284,7 +285,9 @@ def method_cfg(name: str, sched: Schedule, memory: int, args: argparse.Namespace
                   "frozen_stages": sched.frozen_stages},
         "train": {"epochs": sched.epochs, "batch_size": sched.batch_size, "lr": sched.lr, "crop_pad": sched.crop_pad,
                   "flip": sched.flip, "device": sched.device, "seed": args.seed, "classifier": sched.classifier,
-                  "backbone_lr_scale": sched.backbone_lr_scale, "bias_correction": args.bias_correction},
+                  "backbone_lr_scale": sched.backbone_lr_scale, "bias_correction": args.bias_correction,
+                  **({"teacher_precision": args.teacher_precision} if args.teacher_precision else {}),
+                  "teacher_subset": args.teacher_subset},
         "snapshots": {"planned_steps": n_steps, "prune_finetune_epochs": sched.prune_finetune_epochs,
                       "free_restart": sched.free_restart or ("pretrained" if sched.pretrained else "small_random")},
     }
@@ -374,6 +377,7 @@ def run_method(name: str, cfg: LearnerConfig, memory: int, train: ImageSet, test
         "seconds": result["seconds"],
         "train_seconds": sum(s["seconds"] for s in result["steps"]),
         "accuracy_per_step": [s["accuracy"] for s in result["steps"]],
+        "teacher_precision_per_step": [s.get("teacher_precision") for s in result["steps"]],
         "nme_accuracy_per_step": [s["nme_accuracy"] for s in result["steps"]],
         "accuracy_matrix": result["accuracy_matrix"],
         "classifier": result["classifier"],
@@ -610,6 +614,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--loss", type=parse_loss_override, action="append", default=[], metavar="KEY=VALUE",
                    help="set a loss option of the m2kd methods (repeatable), e.g. distill_reduction=sum or "
                         "last_model_all_old=true; their rows are named with it, so the targets skip them")
+    p.add_argument("--teacher-precision", choices=TEACHER_PRECISIONS, default=None,
+                   help="number format of every method's teachers (default: the library's, auto)")
+    p.add_argument("--teacher-subset", type=int, default=TrainConfig.teacher_subset, metavar="K",
+                   help="teacher terms asked per batch, a random K weighted to be unbiased (0: all; "
+                        "default the library's)")
     p.add_argument("--set", type=parse_setting, action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="set an option of every method (repeatable), e.g. train.align_biases=true; saved with "
                         "the run's settings, the rows keep their names")
@@ -670,6 +679,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "memories": memories,
         "accuracy_unit": "fraction",
         "settings": {**asdict(sched), "bias_correction": args.bias_correction,
+                     "teacher_precision": args.teacher_precision or TrainConfig.teacher_precision,
+                     "teacher_subset": args.teacher_subset,
                      "seed": args.seed, "protocol": args.protocol,
                      "methods": args.methods, "ablation_snapshots": args.ablation_snapshots,
                      "loss_overrides": dict(args.loss),
@@ -727,7 +738,7 @@ def resumed_rows(path: Path, result: dict[str, Any]) -> dict[tuple[str, int, int
     # Runs saved before a setting existed ran with its default.
     defaults = {"loss_overrides": {}, "overrides": {}, "bias_correction": "weight_aligning", "pretrained": None, "frozen_stages": 0,
                 "backbone_lr_scale": 1.0, "free_restart": None, "validation": 0.0, "test_per_class": None, "classifier": "cnn",
-                "protocol": "5x2"}
+                "protocol": "5x2", "teacher_precision": "fp32", "teacher_subset": 0}
     earlier_orders = earlier.get("class_orders", {str(ORDER_SEED): earlier.get("class_order")})
     theirs = {**defaults, **earlier.get("settings", {}), "methods": None}
     theirs.pop("order_seed", None)  # saved before --orders: the order is the row's own

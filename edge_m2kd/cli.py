@@ -19,6 +19,7 @@ from edge_m2kd.config import (
     METHODS,
     PRETRAINED_DEFAULTS,
     SNAPSHOT_POLICIES,
+    TEACHER_PRECISIONS,
     TrainConfig,
 )
 from edge_m2kd.errors import UserError
@@ -135,16 +136,20 @@ wait_option = click.option("--wait", is_flag=True,
                    f"{PRETRAINED_DEFAULTS['train']['classifier']} when pretrained)")
 @click.option("--flip/--no-flip", default=True, show_default=True,
               help="mirror images in training; turn off where a mirror image is another class (text, digits, signs)")
+@click.option("--teacher-precision", default="auto", show_default=True, type=click.Choice(TEACHER_PRECISIONS),
+              help="number format the frozen teachers run in; auto: int8 on a CPU, fp16 under CUDA, each only "
+                   "while its logits stay within a KL of 0.01 of fp32 (checked at every step)")
 @wait_option
 @click.option("--json", "as_json", is_flag=True)
 def init(ws: Path, backbone, pretrained, frozen_stages, backbone_lr_scale, lr, input_size, policy, exemplars, method,
-         memory_budget, device, epochs, batch_size, planned_steps, classifier, flip, wait, as_json) -> None:
+         memory_budget, device, epochs, batch_size, planned_steps, classifier, flip, teacher_precision, wait,
+         as_json) -> None:
     """Create a workspace WS."""
     from edge_m2kd.commands import init_workspace
 
     out = init_workspace(ws, backbone, input_size, policy, exemplars, method, memory_budget, device, epochs,
                          batch_size, planned_steps, flip, pretrained, frozen_stages, backbone_lr_scale, lr,
-                         classifier=classifier, wait=wait)
+                         classifier=classifier, wait=wait, teacher_precision=teacher_precision)
     if as_json:
         emit_json(out)
     else:

@@ -32,8 +32,10 @@ from edge_m2kd.memory import (
     tensor_bytes,
 )
 from edge_m2kd.models.pretrained import check_fits, fetch_pretrained
+from edge_m2kd.phases import PhaseTimer
 from edge_m2kd.protocol import HOLDOUT_FRACTION, HOLDOUT_PER_CLASS
 from edge_m2kd.snapshots import build_model
+from edge_m2kd.teacher_precision import check_precision
 from edge_m2kd.workspace import Workspace
 
 
@@ -57,6 +59,7 @@ def init_workspace(
     lr: float | None = None,
     classifier: str | None = None,
     wait: bool = False,
+    teacher_precision: str = "auto",
 ) -> dict[str, Any]:
     """A new workspace. On a pretrained start the defaults are those of PRETRAINED_DEFAULTS
     (fewer epochs, a smaller learning rate, the early stages frozen, NME deployed)."""
@@ -71,6 +74,7 @@ def init_workspace(
                "small_input_stem": backbone == "resnet18" and input_size < 64 and not pretrained,
                "pretrained": pretrained, **{k: v for k, v in given.items() if k == "frozen_stages"}},
         train={"device": device, "batch_size": batch_size, "flip": flip, "crop_pad": max(1, input_size // 8),
+               "teacher_precision": check_precision(teacher_precision),
                **{k: v for k, v in given.items() if k != "frozen_stages"}},
         snapshots={"policy": policy, "planned_steps": planned_steps},
     )
@@ -185,7 +189,9 @@ def _step_workspace(path: str | Path, wait: bool) -> AbstractContextManager[Work
 def _add_classes(ws: Workspace, data: Path, classes: list[str] | None, epochs: int | None, batch_size: int | None,
                  on_corrupt: Literal["skip", "error"], progress: Progress | None,
                  sync_batchnorm: bool) -> dict[str, Any]:
-    learner = ws.load_learner()
+    timer, start = PhaseTimer(), time.perf_counter()
+    with timer("load"):  # the workspace's learner: weights, snapshots, exemplars
+        learner = ws.load_learner()
     available = source_classes(data)
     if classes is None:
         classes = [c for c in available if c not in learner.class_names]
@@ -203,16 +209,19 @@ def _add_classes(ws: Workspace, data: Path, classes: list[str] | None, epochs: i
     if sync_batchnorm and learner.device.type != "cuda":
         raise UserError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm runs on NCCL); drop it on CPU")
     cfg.train.sync_batchnorm = sync_batchnorm
-    images = load_source(data, cfg.model.input_size, classes, "train", on_corrupt)
-    train, held_out = train_val_split(images, HOLDOUT_FRACTION, cfg.train.seed)
-    del images  # the split holds every image; keep one copy, not two, through the step
+    with timer("decode"):  # read, decode and resize the images
+        images = load_source(data, cfg.model.input_size, classes, "train", on_corrupt)
+        train, held_out = train_val_split(images, HOLDOUT_FRACTION, cfg.train.seed)
+        del images  # the split holds every image; keep one copy, not two, through the step
     t = learner.steps_done + 1
-    predicted = _check_budget(ws.manifest.get("memory_budget_bytes"), learner, train, held_out, cfg.train.batch_size)
+    with timer("budget_check"):
+        predicted = _check_budget(ws.manifest.get("memory_budget_bytes"), learner, train, held_out, cfg.train.batch_size)
     faults.checkpoint("before-train")
     with PeakMemorySampler() as sampler:
         report = learner.step(train, classes, progress)
-    holdout = _holdout(ws, learner, held_out)
-    ev = _holdout_eval(learner, holdout)
+    with timer("evaluation"):
+        holdout = _holdout(ws, learner, held_out)
+        ev = _holdout_eval(learner, holdout)
     bytes_before = sum(ws.disk_bytes().values())
     entry = {
         "step": t,
@@ -225,6 +234,7 @@ def _add_classes(ws: Workspace, data: Path, classes: list[str] | None, epochs: i
         "train_images_per_second": report.train_images_per_second,
         "losses": report.losses,
         "teachers": report.teachers,
+        "teacher_precision": report.teacher_precision,
         "holdout": ev,
         "memory": {"predicted_peak": predicted, "measured_peak_rss": sampler.peak_rss_bytes,
                    "measured_peak_cuda": sampler.peak_cuda_bytes},
@@ -239,9 +249,15 @@ def _add_classes(ws: Workspace, data: Path, classes: list[str] | None, epochs: i
                             "per_rank_batch_size": cfg.train.batch_size // world_size, "lr": cfg.train.lr,
                             "sync_batchnorm": sync_batchnorm,
                             "lr_scaling": "none: the global batch size and lr are the configured ones"}
+    # Seconds per phase of the whole command: the learner's step phases ("step." + StepReport's),
+    # and around them reading the images, the budget check, the hold-out evaluation, the commit.
+    entry["phase_seconds"] = {**timer.seconds, **{f"step.{k}": v for k, v in report.phase_seconds.items()}}
     if rank == 0:
-        ws.commit(learner, entry, holdout)
+        with timer("workspace_commit"):
+            ws.commit(learner, entry, holdout)
         entry["bytes_added"] = sum(ws.disk_bytes().values()) - bytes_before
+    entry["phase_seconds"]["workspace_commit"] = timer.seconds.get("workspace_commit", 0.0)
+    entry["phase_seconds"]["other"] = max(0.0, time.perf_counter() - start - sum(entry["phase_seconds"].values()))
     distributed.barrier()  # no rank goes on (or exits) before the commit is whole
     return entry
 

@@ -10,6 +10,8 @@ from typing import Any, Literal, get_args
 SnapshotPolicy = Literal["full", "packed", "sparse"]
 # The names snapshots.POLICIES implements, importable without torch (the CLI's choices).
 SNAPSHOT_POLICIES: tuple[str, ...] = get_args(SnapshotPolicy)
+# The number formats teachers can run in (teacher_precision.py); "auto" picks one per step.
+TEACHER_PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
 # Where a step trains and a predictor runs; "cuda:N" names one GPU (learner.resolve_device).
 DEVICES = ("auto", "cpu", "cuda")
 Backbone = Literal["resnet20", "resnet32", "resnet18", "mobilenetv2"]  # models/backbones.py builds them
@@ -86,6 +88,14 @@ class TrainConfig:
     # all in one grouped convolution) or "separate" (as trained). benchmarks/overhead.py
     # measures them; on one CPU thread here grouped convolutions were the slowest.
     teacher_mode: str = "folded"
+    # The number format teachers run in (edge_m2kd/teacher_precision.py): one of TEACHER_PRECISIONS.
+    # "auto": int8 on a CPU, fp16 under CUDA, each used only while its logits stay within
+    # teacher_tolerance_kl (KL at the loss temperature, checked against fp32 at every step).
+    teacher_precision: str = "auto"
+    teacher_tolerance_kl: float = 0.01
+    # Teacher terms asked per batch: 0 asks every one; k > 0 a uniformly random k of them per
+    # batch, weighted so that the loss's expectation is the full multi-model term (losses.sample_terms).
+    teacher_subset: int = 0
     sync_batchnorm: bool = False  # under torchrun on GPUs: BatchNorm statistics over the global batch
     crop_pad: int = 4
     flip: bool = True  # off for data where a mirror image is another class (digits)

@@ -14,16 +14,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edge_m2kd import distributed, faults
+from edge_m2kd import distributed, faults, teacher_precision
 from edge_m2kd.config import DEVICES, IMAGE_MEAN, IMAGE_STD, LearnerConfig
-from edge_m2kd.data.augment import random_crop_flip
+from edge_m2kd.data.augment import random_crop_flip_nhwc
 from edge_m2kd.data.sources import ImageSet
 from edge_m2kd.errors import UserError
 from edge_m2kd.exemplars import ExemplarMemory
-from edge_m2kd.losses import m2kd_loss, teacher_terms
+from edge_m2kd.losses import m2kd_loss, sample_terms, teacher_terms
 from edge_m2kd.models import DeployedClassifier, IncrementalNet
 from edge_m2kd.models.pretrained import PretrainedWeights, fetch_pretrained, load_pretrained
-from edge_m2kd.preprocess import normalize, to_unit
+from edge_m2kd.phases import PhaseTimer
 from edge_m2kd.snapshots import build_model, make_store
 from edge_m2kd.teachers import build_teachers
 
@@ -43,6 +43,11 @@ class StepReport:
     train_images_per_second: float  # over the training phase alone (what the bare loop compares to)
     losses: dict[str, float] = field(default_factory=dict)
     teachers: list[int] = field(default_factory=list)
+    # seconds per phase (PhaseTimer): "train.augment", "train.teachers", "train.student", the same
+    # for "finetune." (the packed store's fine-tuning after pruning), "teachers.prepare",
+    # "herding", "commit", ...; "other" is what no phase claimed. They add up to `seconds`.
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    teacher_precision: dict[str, Any] = field(default_factory=dict)  # teacher_precision.PrecisionChoice
 
 
 def resolve_device(device: str) -> torch.device:
@@ -60,6 +65,9 @@ class Learner:
     def __init__(self, cfg: LearnerConfig) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.train.device)
+        teacher_precision.check_precision(cfg.train.teacher_precision)
+        self.timer = PhaseTimer()
+        self.sync_phases = False  # a profile run sets it: CUDA work is timed in the phase that queued it
         # The first step trains these initial weights: draw them from the configured seed, so
         # the same step on the same data gives the same workspace, byte for byte.
         torch.manual_seed(cfg.train.seed)
@@ -131,6 +139,7 @@ class Learner:
     def step(self, data: ImageSet, classes: list[str] | None = None, progress: Progress | None = None) -> StepReport:
         classes = self._new_classes(data, classes)
         t, start = self.steps_done + 1, time.perf_counter()
+        self.timer = timer = PhaseTimer(self.sync_phases)
         torch.manual_seed(self.cfg.train.seed + t)
         new_ids = list(range(len(self.class_names), len(self.class_names) + len(classes)))
         if t == 1 and (weights := self.pretrained()) is not None:
@@ -142,14 +151,15 @@ class Learner:
 
         images, labels = self._training_set(data, dict(zip(new_ids, classes)))
         terms = teacher_terms(t, self.groups, self.cfg.loss)
-        snapshots = {k: self.store.teacher(k) for k in sorted({k for k, _ in terms})}
-        teachers = build_teachers(snapshots, self.cfg.train.teacher_mode)
+        with timer("teachers.prepare"):
+            snapshots = {k: self.store.teacher(k) for k in sorted({k for k, _ in terms})}
+            teachers, precision = self._teachers(snapshots, images)
         self.store.prepare(self.model, t)
 
         def train(model: IncrementalNet, masks: dict[str, torch.Tensor], epochs: int, lr: float, phase: str,
                   teachers: torch.nn.Module | None = teachers, terms: list = terms) -> dict[str, float]:
             report = (lambda *a: progress(phase, *a)) if progress else None
-            return self._train(model, images, labels, teachers, terms, masks, epochs, lr, report)
+            return self._train(model, images, labels, teachers, terms, masks, epochs, lr, report, phase)
 
         train_start = time.perf_counter()
         losses = train(self.model, self.store.grad_masks(self.model), self.cfg.train.epochs, self.cfg.train.lr, "train")
@@ -168,18 +178,57 @@ class Learner:
                   build_teachers({**snapshots, t: unpruned}, self.cfg.train.teacher_mode),
                   [*terms, (t, list(range(model.num_classes)))])
 
-        self.store.consolidate(self.model, t, finetune_pruned)
-        # The training set holds the new classes first, class by class: views, not copies.
-        n_new = int(np.count_nonzero(labels >= new_ids[0]))  # the exemplars' labels are all older
-        starts = np.searchsorted(labels[:n_new], [*new_ids, new_ids[-1] + 1])
-        self.memory.update(self.embed, {c: images[a:b] for c, a, b in zip(new_ids, starts[:-1], starts[1:])})
-        self._correct_bias(new_ids)
-        self.class_means = self.memory.class_means(self.embed, self.model.num_classes)
-        self.store.commit(t, self.model, probe=images[:PROBE_SIZE])
+        with timer("consolidate"):  # pruning; its fine-tuning is timed as "finetune.*"
+            self.store.consolidate(self.model, t, finetune_pruned)
+        with timer("herding"):
+            # The training set holds the new classes first, class by class: views, not copies.
+            n_new = int(np.count_nonzero(labels >= new_ids[0]))  # the exemplars' labels are all older
+            starts = np.searchsorted(labels[:n_new], [*new_ids, new_ids[-1] + 1])
+            self.memory.update(self.embed, {c: images[a:b] for c, a, b in zip(new_ids, starts[:-1], starts[1:])})
+        with timer("bias_correction"):
+            self._correct_bias(new_ids)
+        with timer("class_means"):
+            self.class_means = self.memory.class_means(self.embed, self.model.num_classes)
+        with timer("commit"):
+            self.store.commit(t, self.model, probe=images[:PROBE_SIZE])
         seconds = time.perf_counter() - start
         n_seen = len(images) * self.cfg.train.epochs
         return StepReport(t, classes, len(images), seconds, n_seen / seconds, n_seen / max(train_seconds, 1e-9), losses,
-                          sorted(snapshots))
+                          sorted(snapshots), timer.total(seconds), precision.to_dict())
+
+    def _teachers(self, snapshots: dict[int, IncrementalNet], images: np.ndarray,
+                  teacher_images: int | None = None) -> tuple[torch.nn.Module | None, teacher_precision.PrecisionChoice]:
+        """The step's teachers, in the configured precision; int8 is calibrated (and ``auto``
+        checked against fp32) on batches of the step's own augmented training images, drawn
+        from a generator of their own so that training sees the same batches either way.
+        `teacher_images`: how many images each teacher reads in the step (default: the training
+        set times the training and fine-tuning epochs)."""
+        tc = self.cfg.train
+        if teacher_images is None:
+            finetune = self.cfg.snapshots.prune_finetune_epochs if self.cfg.snapshots.policy != "full" else 0
+            teacher_images = len(images) * (tc.epochs + finetune)
+        teachers = build_teachers(snapshots, tc.teacher_mode)
+        if teachers is not None:
+            self._to_device(teachers)
+        gen = torch.Generator().manual_seed(tc.seed + 7919 * (self.steps_done + 1))
+        images_t = _as_tensor(images)
+
+        @torch.no_grad()
+        def batches(n: int) -> list[teacher_precision.Batch]:
+            # IncrementalNet.train puts the frozen stages in eval mode, which a freshly built (or
+            # loaded) model's are not yet: in training mode this forward would move their
+            # BatchNorm statistics, which every snapshot shares.
+            self.model.train(self.model.training)
+            out = []
+            for idx in torch.randperm(len(images), generator=gen)[: n * tc.batch_size].split(tc.batch_size):
+                x = self._batch(images_t[idx], True, gen)
+                out.append((x, self.model.frozen_outputs(x)))
+            return out
+
+        with_aux = self.cfg.loss.multi_level
+        return teacher_precision.prepare(teachers, tc.teacher_precision, self.device, batches, with_aux,
+                                         self.cfg.loss.temperature, tc.teacher_tolerance_kl,
+                                         teacher_images=teacher_images)
 
     def _new_classes(self, data: ImageSet, classes: list[str] | None) -> list[str]:
         present = [n for i, n in enumerate(data.class_names) if np.any(data.labels == i)]
@@ -223,16 +272,33 @@ class Learner:
             model = model.to(memory_format=torch.channels_last)
         return model
 
-    def _batch(self, images: np.ndarray, augment: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-        x = to_unit(images).to(self.device)
+    def _batch(self, images: np.ndarray | torch.Tensor, augment: bool,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """uint8 NHWC images -> the normalised float NCHW batch the model reads. Cropped and
+        flipped as uint8 NHWC (a quarter of the bytes), moved to the device as uint8, then one
+        multiply-add per pixel; NHWC read as NCHW is already channels_last, so that layout costs
+        no copy."""
+        u8 = _as_tensor(images)
+        if u8.dtype != torch.uint8 or u8.ndim != 4:
+            raise ValueError(f"images must be uint8 (N, H, W, C), got {u8.dtype} {tuple(u8.shape)}")
         if augment:
-            x = random_crop_flip(x, self.cfg.train.crop_pad, self.cfg.train.flip, generator)
-        x = normalize(x)
-        return x.contiguous(memory_format=torch.channels_last) if self.cfg.train.channels_last else x
+            u8 = random_crop_flip_nhwc(u8, self.cfg.train.crop_pad, self.cfg.train.flip, generator)
+        scale, shift = self._normalizer()
+        x = u8.to(self.device, non_blocking=True).permute(0, 3, 1, 2).to(torch.float32).mul_(scale).add_(shift)
+        return x if self.cfg.train.channels_last else x.contiguous()
 
-    def _train(self, model, images, labels, teachers, terms, masks, epochs, lr, progress) -> dict[str, float]:
+    def _normalizer(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x / 255 - mean) / std as x * scale + shift, per channel, on the device."""
+        if getattr(self, "_norm", None) is None or self._norm[0].device != self.device:
+            std, mean = torch.tensor(IMAGE_STD), torch.tensor(IMAGE_MEAN)
+            self._norm = ((1 / (255 * std)).view(1, -1, 1, 1).to(self.device), (-mean / std).view(1, -1, 1, 1).to(self.device))
+        return self._norm
+
+    def _train(self, model, images, labels, teachers, terms, masks, epochs, lr, progress,  # noqa: ANN001
+               phase: str = "train") -> dict[str, float]:
         """SGD with a cosine schedule. Weight decay is applied to the gradient by hand so the
-        masks also cover it: a frozen (owned) weight must not move at all."""
+        masks also cover it: a frozen (owned) weight must not move at all. Time goes to the
+        phases `phase`.augment, `phase`.teachers and `phase`.student of self.timer."""
         tc, n = self.cfg.train, len(images)
         if epochs == 0:  # e.g. ncm-frozen: nothing is trained
             return {}
@@ -245,47 +311,67 @@ class Learner:
         backbone = [p for name, p in params.items() if name.startswith("backbone.")]
         heads = [p for name, p in params.items() if not name.startswith("backbone.")]
         groups = [{"params": backbone, "lr": lr * tc.backbone_lr_scale}, {"params": heads, "lr": lr}]
-        opt = torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=tc.momentum, weight_decay=0.0)
+        # foreach: one fused update over all parameters, not a Python loop over 100 tensors
+        # (torch picks it by itself on CUDA only).
+        opt = torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=tc.momentum, weight_decay=0.0,
+                              foreach=True)
         batches = max(1, -(-n // tc.batch_size))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * batches)
+        # A mask of all ones changes nothing: only the others are applied, in one foreach call.
+        masked = [(params[name], m.to(self.device)) for name, m in masks.items()
+                  if name in params and not bool(m.all())]
         # Every rank draws the same global batches and the same augmentation, then trains on its
         # share, so N ranks see exactly the images one process would (only BatchNorm's batch
         # statistics are per rank).
         gen = torch.Generator().manual_seed(tc.seed + len(self.groups))
         labels_t = torch.from_numpy(labels)
+        images_t = _as_tensor(images)  # no copy: batches are indexed out of it
         with_aux = self.cfg.loss.aux_heads or self.cfg.loss.multi_level
+        timer = self.timer
+        # Its own generator: asking a subset of the teachers leaves the batches and their augmentation as they were.
+        subset_gen = torch.Generator().manual_seed(tc.seed + 104729 * len(self.groups))
+        keys = ("loss", "cls", "aux", "mm", "ml", "pod")
         totals: dict[str, float] = {}
         seen = 0
         for epoch in range(epochs):
-            totals, seen, start = dict.fromkeys(["loss", "cls", "aux", "mm", "ml", "pod"], 0.0), 0, time.perf_counter()
+            # Loss sums stay on the device until the epoch ends: no host sync per batch.
+            sums, seen, start = torch.zeros(len(keys), device=self.device), 0, time.perf_counter()
             for idx in torch.randperm(n, generator=gen).split(tc.batch_size):
                 if len(idx) < world_size:
                     continue  # every rank must take part in every batch, or DDP waits forever
-                x = self._batch(images[idx.numpy()], True, gen)[rank::world_size]
-                idx = idx[rank::world_size]
-                y = labels_t[idx].to(self.device)
+                with timer(f"{phase}.augment"):
+                    x = self._batch(images_t[idx], True, gen)[rank::world_size]
+                    idx = idx[rank::world_size]
+                    y = labels_t[idx].to(self.device, non_blocking=True)
                 teacher_outs = {}
+                batch_terms, scale = sample_terms(terms, tc.teacher_subset, self.cfg.loss.distill_reduction, subset_gen)
                 with torch.no_grad():  # frozen stages: once per batch, for the student and every teacher
-                    frozen = model.frozen_outputs(x)  # [] when nothing is frozen
+                    with timer(f"{phase}.student"):
+                        frozen = model.frozen_outputs(x)  # [] when nothing is frozen
                     if teachers is not None:
-                        teacher_outs = teachers(x, with_aux=self.cfg.loss.multi_level, frozen=frozen)
-                out = net(x, with_aux=with_aux, frozen=frozen)
-                loss = m2kd_loss(out, y, terms, teacher_outs, self.cfg.loss)
-                opt.zero_grad(set_to_none=True)
-                loss.total.backward()
-                for name, p in params.items():
-                    if p.grad is not None:
-                        p.grad.add_(p.detach(), alpha=tc.weight_decay)
-                        if name in masks:
-                            p.grad.mul_(masks[name])
-                opt.step()
-                sched.step()
-                for key, value in zip(totals, (float(loss.total.detach()), loss.cls, loss.aux, loss.mm, loss.ml, loss.pod)):
-                    totals[key] += value * len(idx)
+                        with timer(f"{phase}.teachers"):
+                            asked = {k for k, _ in batch_terms} if batch_terms is not terms else None
+                            teacher_outs = teachers(x, with_aux=self.cfg.loss.multi_level, frozen=frozen,
+                                                    **({"steps": asked} if asked is not None else {}))
+                with timer(f"{phase}.student"):
+                    out = net(x, with_aux=with_aux, frozen=frozen)
+                    loss = m2kd_loss(out, y, batch_terms, teacher_outs, self.cfg.loss, scale)
+                    opt.zero_grad(set_to_none=True)
+                    loss.total.backward()
+                    grads = [p.grad for p in params.values() if p.grad is not None]
+                    with_grad = [p.detach() for p in params.values() if p.grad is not None]
+                    if tc.weight_decay:
+                        torch._foreach_add_(grads, with_grad, alpha=tc.weight_decay)
+                    if masked:
+                        present = [(p.grad, m) for p, m in masked if p.grad is not None]
+                        torch._foreach_mul_([g for g, _ in present], [m for _, m in present])
+                    opt.step()
+                    sched.step()
+                    sums += torch.stack([loss.total.detach(), loss.cls, loss.aux, loss.mm, loss.ml, loss.pod]) * len(idx)
                 seen += len(idx)
             faults.checkpoint("train:epoch")
-            *sums, seen = distributed.sum_across_ranks([*totals.values(), seen])
-            totals = dict(zip(totals, sums))
+            *summed, seen = distributed.sum_across_ranks([*sums.tolist(), seen])
+            totals = dict(zip(keys, summed))
             if progress:
                 progress(epoch + 1, epochs, totals["loss"] / seen, seen / (time.perf_counter() - start))
         distributed.sync_buffers(model)
@@ -398,3 +484,10 @@ class Learner:
         else:
             w, b = self.model.main_head.weight.detach().cpu(), self.model.main_head.bias.detach().cpu()
         return DeployedClassifier(backbone, w, b, use_nme, IMAGE_MEAN, IMAGE_STD).eval()
+
+
+def _as_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A torch view of a numpy array (a copy only where numpy marks it read-only)."""
+    if isinstance(images, torch.Tensor):
+        return images
+    return torch.from_numpy(images if images.flags.writeable and images.flags.c_contiguous else images.copy())

@@ -60,11 +60,12 @@ def teacher_terms(step: int, groups: list[list[int]], cfg: LossConfig) -> list[t
 @dataclass
 class LossTerms:
     total: torch.Tensor
-    cls: float
-    aux: float
-    mm: float
-    ml: float
-    pod: float = 0.0
+    # The terms as detached 0-d tensors: a float() per term and batch would wait for a GPU.
+    cls: torch.Tensor
+    aux: torch.Tensor
+    mm: torch.Tensor
+    ml: torch.Tensor
+    pod: torch.Tensor
 
 
 def scoped_logits(z: torch.Tensor, cols: list[int], known: int, scope: str, temperature: float) -> torch.Tensor:
@@ -104,6 +105,7 @@ def m2kd_loss(
     terms: list[tuple[int, list[int]]],
     teacher_outs: dict[int, NetOutput],
     cfg: LossConfig,
+    distill_scale: float = 1.0,  # sample_terms' weight, when the terms are a random subset
 ) -> LossTerms:
     zero = out.logits.new_zeros(())
     cls = F.cross_entropy(out.logits, targets)
@@ -123,10 +125,11 @@ def m2kd_loss(
             pod = torch.stack([pod_spatial(s, t) for s, t in zip(out.maps, newest.maps)]).mean()
         elif cfg.feature_distill != "none":
             raise ValueError(f"unknown feature_distill {cfg.feature_distill!r}; use none or pod")
+    mm, ml = mm * distill_scale, ml * distill_scale
     weight = distill_weight(cfg, known, out.logits.shape[1] - known)
     total = cls + cfg.aux_weight * aux + weight * (
         cfg.multi_model_weight * mm + cfg.multi_level_weight * ml + cfg.feature_weight * pod)
-    return LossTerms(total, *(float(x.detach()) for x in (cls, aux, mm, ml, pod)))
+    return LossTerms(total, *(x.detach() for x in (cls, aux, mm, ml, pod)))
 
 
 def distill_weight(cfg: LossConfig, old: int, new: int) -> float:
@@ -137,3 +140,15 @@ def distill_weight(cfg: LossConfig, old: int, new: int) -> float:
     if cfg.distill_weight == "adaptive":
         return (old / new) ** 0.5
     raise ValueError(f"unknown distill_weight {cfg.distill_weight!r}; use fixed or adaptive")
+
+
+def sample_terms(terms: list[tuple[int, list[int]]], size: int, reduction: str,
+                 generator: torch.Generator | None = None) -> tuple[list[tuple[int, list[int]]], float]:
+    """A uniformly random subset of `size` terms (all of them when size is 0 or not smaller) and
+    the distill_scale that makes m2kd_loss on it an unbiased estimate of m2kd_loss on all terms:
+    1 for the mean over terms (a random subset's mean is unbiased), n/size for their sum."""
+    n = len(terms)
+    if size <= 0 or size >= n:
+        return terms, 1.0
+    chosen = sorted(torch.randperm(n, generator=generator)[:size].tolist())
+    return [terms[i] for i in chosen], (n / size if reduction == "sum" else 1.0)

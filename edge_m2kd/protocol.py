@@ -61,6 +61,7 @@ def run_protocol(
             "seconds": report.seconds,
             "train_images_per_second": report.train_images_per_second,
             "losses": report.losses,
+            "teacher_precision": report.teacher_precision.get("used"),
         })
         if on_step:
             on_step(learner, report, ev)

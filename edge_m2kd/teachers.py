@@ -112,16 +112,17 @@ class StackedTeachers(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
 
-    def to(self, *args, **kwargs):  # noqa: ANN002, ANN003 - heads are plain tensors: move them too
+    def to(self, *args, **kwargs):  # noqa: ANN002, ANN003 - heads are plain tensors: move (and cast) them too
         super().to(*args, **kwargs)
-        device = self.stem[0].weight.device
-        self.heads = [(w.to(device), b.to(device)) for w, b in self.heads]
-        self.aux_heads = [[(w.to(device), b.to(device)) for w, b in heads] for heads in self.aux_heads]
+        device, dtype = self.stem[0].weight.device, self.stem[0].weight.dtype
+        self.heads = [(w.to(device, dtype), b.to(device, dtype)) for w, b in self.heads]
+        self.aux_heads = [[(w.to(device, dtype), b.to(device, dtype)) for w, b in heads] for heads in self.aux_heads]
         return self
 
-    def forward(self, x: torch.Tensor, with_aux: bool = True,
-                frozen: list[torch.Tensor] | None = None) -> dict[int, NetOutput]:
-        """`frozen` is accepted for the common interface; stacked teachers compute every stage."""
+    def forward(self, x: torch.Tensor, with_aux: bool = True, frozen: list[torch.Tensor] | None = None,
+                steps: set[int] | None = None) -> dict[int, NetOutput]:
+        """`frozen` and `steps` are accepted for the common interface; stacked teachers compute
+        every stage of every teacher."""
         n = len(x)
         h = self.stem(x)
         pooled, maps = [], []
@@ -148,10 +149,12 @@ class SeparateTeachers(nn.Module):
         self.steps = sorted(teachers)
         self.nets = nn.ModuleList([teachers[k].eval() for k in self.steps])
 
-    def forward(self, x: torch.Tensor, with_aux: bool = True,
-                frozen: list[torch.Tensor] | None = None) -> dict[int, NetOutput]:
-        """`frozen`: the outputs of the stages every teacher shares with the student, if known."""
-        return {k: net(x, with_aux=with_aux, frozen=frozen) for k, net in zip(self.steps, self.nets)}
+    def forward(self, x: torch.Tensor, with_aux: bool = True, frozen: list[torch.Tensor] | None = None,
+                steps: set[int] | None = None) -> dict[int, NetOutput]:
+        """`frozen`: the outputs of the stages every teacher shares with the student, if known;
+        `steps`: only these teachers (a random subset of the terms, losses.sample_terms)."""
+        return {k: net(x, with_aux=with_aux, frozen=frozen) for k, net in zip(self.steps, self.nets)
+                if steps is None or k in steps}
 
 
 class FoldedTeachers(SeparateTeachers):

@@ -16,6 +16,8 @@ if str(ROOT) not in sys.path:  # benchmarks/ is run from the repository root, no
 snapshot_bytes = importlib.import_module("benchmarks.snapshot_bytes")
 cil = importlib.import_module("benchmarks.cil")
 overhead = importlib.import_module("benchmarks.overhead")
+step_profile = importlib.import_module("benchmarks.step_profile")
+throughput = importlib.import_module("benchmarks.throughput")
 
 SNAPSHOT_ROW_KEYS = {"backbone", "policy", "snapshots", "bytes_per_snapshot", "total_bytes", "full_copy_bytes",
                      "owner_bits_per_weight"}
@@ -87,16 +89,19 @@ def test_cil_smoke_schedule_runs_two_methods(tmp_path, capsys):
 
 def test_overhead_times_and_counts_every_teacher_path(tmp_path, capsys):
     overhead.main(["--steps", "2,4", "--batches", "1", "--batch-size", "4", "--backbone", "resnet20",
-                   "--input-size", "8", "--threads", "1", "--out", str(tmp_path), "--json", "--no-plot"])
+                   "--input-size", "8", "--threads", "1", "--repeats", "1", "--teacher-subset", "1",
+                   "--out", str(tmp_path), "--json", "--no-plot"])
     out = _stdout_json(capsys)
     assert json.loads((tmp_path / "overhead.json").read_text())["rows"] == out["rows"]
     rows = {r["step"]: r for r in out["rows"]}
     assert list(rows) == [2, 4]
     for t, r in rows.items():
         assert r["teachers"] == t - 1
-        for key in ("icarl_seconds", "m2kd_seconds", "m2kd_stacked_seconds", "m2kd_naive_seconds"):
+        for key in ("icarl_seconds", "m2kd_seconds", "m2kd_stacked_seconds", "m2kd_naive_seconds",
+                    "icarl_fp32_seconds", "m2kd_fp32_seconds", "m2kd_subset_seconds"):
             assert r[key] > 0
         assert math.isclose(r["ratio"], r["m2kd_seconds"] / r["icarl_seconds"])
+        assert r["m2kd_precision"] in ("fp32", "int8") and set(r["m2kd_precision_checked"]) <= {"int8"}
         assert math.isclose(r["flop_ratio"], r["m2kd_gflop_per_batch"] / r["icarl_gflop_per_batch"])
     # One teacher forward is about a third of a training step's arithmetic (forward plus backward), so
     # going from 1 to 3 teachers must add FLOPs; iCaRL reads one teacher whatever t is.
@@ -215,3 +220,26 @@ def test_cil_splits_an_npz_into_disjoint_train_and_test(tmp_path):
     assert train.class_names == test.class_names == ["0", "1", "2"]
     assert np.bincount(test.labels).tolist() == [2, 2, 2] and len(train) == 24
     assert not set(train.images[:, 0, 0, 0]) & set(test.images[:, 0, 0, 0])
+
+
+def test_step_profile_phases_cover_every_step(tmp_path, capsys):
+    step_profile.main(["--smoke", "--steps", "3", "--per-class", "20", "--epochs", "1", "--threads", "1",
+                       "--out", str(tmp_path), "--json"])
+    out = _stdout_json(capsys)
+    assert [r["step"] for r in out["rows"]] == [1, 2, 3]
+    for r in out["rows"]:
+        assert r["teachers"] == r["step"] - 1
+        assert set(r["columns"]) == {label for label, _ in step_profile.COLUMNS}
+        assert math.isclose(sum(r["columns"].values()), r["seconds"], rel_tol=1e-6)
+        assert r["columns"]["student"] > 0 and r["columns"]["decode"] > 0 and r["columns"]["ws commit"] > 0
+        assert r["columns"]["other"] < 0.2 * r["seconds"]
+        assert (r["columns"]["teachers"] > 0) == (r["step"] > 1)
+
+
+def test_throughput_compares_the_learner_with_a_bare_loop(tmp_path, capsys):
+    throughput.main(["--smoke", "--per-class", "40", "--epochs", "1", "--rounds", "1", "--threads", "1",
+                     "--out", str(tmp_path), "--json"])
+    rows = {r["loop"]: r for r in _stdout_json(capsys)["rows"]}
+    assert set(rows) == {"bare", "icarl", "m2kd"}
+    assert rows["bare"]["ratio_to_bare"] == 1.0
+    assert all(r["images_per_second"] > 0 for r in rows.values())
