@@ -8,6 +8,7 @@ import json
 import math
 import re
 import sys
+import textwrap
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -176,7 +177,7 @@ def plot_lines(path: Path, series: dict[str, tuple[Sequence[float], Sequence[flo
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, 90), fontsize=10)  # a long title wraps instead of running off the figure
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

@@ -39,7 +39,7 @@ def _out(logits, aux):
 
 def test_loss_uses_only_the_named_teachers():
     torch.manual_seed(0)
-    cfg = LossConfig(multi_model=True, multi_level=True)
+    cfg = LossConfig(multi_model=True, multi_level=True, distill_scope="own")
     student = _out(torch.randn(5, 6), [torch.randn(5, 6)])
     y = torch.randint(0, 6, (5,))
     terms = teacher_terms(3, GROUPS, cfg)
@@ -61,8 +61,8 @@ def test_loss_uses_only_the_named_teachers():
 
 def test_sum_reduction_gives_every_old_group_weight_one():
     torch.manual_seed(0)
-    mean_cfg = LossConfig()
-    sum_cfg = LossConfig(distill_reduction="sum")
+    mean_cfg = LossConfig(distill_scope="own")
+    sum_cfg = LossConfig(distill_reduction="sum", distill_scope="own")
     student = _out(torch.randn(5, 6), [torch.randn(5, 6), torch.randn(5, 6)])
     y = torch.randint(0, 6, (5,))
     terms = teacher_terms(3, GROUPS, mean_cfg)  # two old groups
@@ -82,7 +82,7 @@ def test_own_plus_rest_gives_a_one_class_group_a_real_term():
     is zero when student and teacher agree and positive when they do not."""
     torch.manual_seed(0)
     groups = [[0, 1], [2]]
-    own, rest = LossConfig(), LossConfig(distill_scope="own+rest")
+    own, rest = LossConfig(distill_scope="own"), LossConfig(distill_scope="own+rest")
     assert teacher_terms(3, groups, rest) == [(1, [0, 1]), (2, [2])]
     y = torch.zeros(6, dtype=torch.long)
     student = _out(torch.randn(6, 4), [])
