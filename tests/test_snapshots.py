@@ -137,7 +137,8 @@ def test_prune_finetuning_can_distill_the_unpruned_model(blob_data, monkeypatch,
         return original(self, model, images, labels, teachers, terms, *rest)
 
     monkeypatch.setattr(Learner, "_train", spy)
-    learner = Learner(quick_config("m2kd", "packed", epochs=1, snapshots={"prune_distill": prune_distill}))
+    learner = Learner(quick_config("m2kd", "packed", epochs=1, snapshots={"prune_distill": prune_distill},
+                                   train={"teacher_precision": "fp32"}))  # plain teachers, whose steps we read
     learner.step(blob_data, ["c0", "c1"])
     learner.step(blob_data, ["c2", "c3"])
     (_, train_terms), (ft_teachers, ft_terms) = calls[2:]  # step 2: training, then the prune fine-tuning
