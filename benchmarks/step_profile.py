@@ -35,11 +35,8 @@ from benchmarks.common import (
 from edge_m2kd import commands
 from edge_m2kd.config import TEACHER_PRECISIONS, method_config
 from edge_m2kd.data import load_digits
-from edge_m2kd.errors import UserError
 from edge_m2kd.workspace import Workspace
 
-CIFAR_DIR = Path("/tmp/cifar10/train")
-CIFAR_TAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 # (label, phase keys summed into it), in step order; what is left over is "other"
 COLUMNS = [
     ("load", ["load"]), ("decode", ["decode"]), ("budget", ["budget_check"]),
@@ -55,19 +52,17 @@ COLUMNS = [
 
 def cifar_subset(root: Path, per_class: int, classes: int) -> Path:
     """A folder of `per_class` JPEGs (links) of each of the first `classes` CIFAR-10 classes."""
-    if not CIFAR_DIR.exists():
-        if not CIFAR_TAR.exists():
-            raise UserError(f"CIFAR-10 JPEGs not found at {CIFAR_DIR} or {CIFAR_TAR}; unpack them there "
-                            "(mkdir -p /tmp/cifar10 && tar xzf cifar10-jpeg.tar.gz -C /tmp/cifar10) or use --smoke")
-        import tarfile
+    from benchmarks.cil import (  # unpacks the tarball once, under a lock
+        DEFAULT_CACHE,
+        DEFAULT_DATA,
+        cifar_root,
+    )
 
-        CIFAR_DIR.parent.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(CIFAR_TAR) as tar:
-            tar.extractall(CIFAR_DIR.parent, filter="data")
-    for name in sorted(p.name for p in CIFAR_DIR.iterdir() if p.is_dir())[:classes]:
+    train = cifar_root(DEFAULT_DATA, DEFAULT_CACHE) / "train"
+    for name in sorted(p.name for p in train.iterdir() if p.is_dir())[:classes]:
         (root / name).mkdir(parents=True)
-        for f in sorted((CIFAR_DIR / name).iterdir())[:per_class]:
-            (root / name / f.name).symlink_to(f)
+        for f in sorted((train / name).iterdir())[:per_class]:
+            (root / name / f.name).symlink_to(f.resolve())
     return root
 
 

@@ -33,7 +33,7 @@ from edge_m2kd.memory import (
 )
 from edge_m2kd.models.pretrained import check_fits, fetch_pretrained
 from edge_m2kd.phases import PhaseTimer
-from edge_m2kd.protocol import HOLDOUT_FRACTION, HOLDOUT_PER_CLASS
+from edge_m2kd.protocol import HOLDOUT_FRACTION, holdout_arrays, kept_holdout
 from edge_m2kd.snapshots import build_model
 from edge_m2kd.teacher_precision import check_precision
 from edge_m2kd.workspace import Workspace
@@ -263,12 +263,7 @@ def _add_classes(ws: Workspace, data: Path, classes: list[str] | None, epochs: i
 
 
 def _holdout(ws: Workspace, learner: Learner, held_out: ImageSet) -> dict[int, np.ndarray]:
-    keep = ws.load_holdout()
-    for name in held_out.class_names:
-        images = held_out.images[held_out.labels == held_out.class_names.index(name)]
-        if name in learner.class_names and len(images):
-            keep[learner.class_names.index(name)] = images[:HOLDOUT_PER_CLASS]
-    return keep
+    return {**ws.load_holdout(), **kept_holdout(held_out, learner.class_names)}
 
 
 def _holdout_eval(learner: Learner, holdout: dict[int, np.ndarray]) -> dict[str, Any]:
@@ -276,8 +271,7 @@ def _holdout_eval(learner: Learner, holdout: dict[int, np.ndarray]) -> dict[str,
     the figure is the one the choice was made on, so it flatters "auto" slightly."""
     if not holdout:
         return {}
-    images = np.concatenate(list(holdout.values()))
-    labels = np.concatenate([np.full(len(v), c) for c, v in holdout.items()]).astype(np.int64)
+    images, labels = holdout_arrays(holdout)
     learner.choose_classifier(images, labels)
     return evaluate(learner, ImageSet(images, labels, learner.class_names)).to_dict()
 

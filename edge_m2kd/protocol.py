@@ -19,6 +19,26 @@ from edge_m2kd.learner import Learner, StepReport
 # "auto", chooses the deployed classifier) on up to HOLDOUT_PER_CLASS of them per class.
 HOLDOUT_FRACTION = 0.1
 HOLDOUT_PER_CLASS = 20
+
+
+def kept_holdout(held: ImageSet, class_names: list[str]) -> dict[int, np.ndarray]:
+    """Up to HOLDOUT_PER_CLASS held-out images of each class `held` has images of, keyed by the
+    learner's class id (`class_names` in head order)."""
+    keep = {}
+    for name in held.class_names:
+        images = held.images[held.labels == held.class_names.index(name)]
+        if name in class_names and len(images):
+            keep[class_names.index(name)] = images[:HOLDOUT_PER_CLASS]
+    return keep
+
+
+def holdout_arrays(holdout: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The images of a {class id: images} holdout as one array, with their labels."""
+    images = np.concatenate(list(holdout.values()))
+    labels = np.concatenate([np.full(len(v), c, np.int64) for c, v in holdout.items()])
+    return images, labels
+
+
 # on_step(learner, report, evaluation) after every step, e.g. to print a table row or commit a workspace
 OnStep = Callable[[Learner, StepReport, Evaluation], None]
 
@@ -36,17 +56,15 @@ def run_protocol(
     start = time.perf_counter()
     learner = learner or Learner(cfg)
     rows, matrix, overall = [], [], []
-    held_images, held_labels = [], []
+    holdout: dict[int, np.ndarray] = {}
     for classes in steps:
         data = train
         if cfg.train.classifier == "auto":  # as add-classes does: hold out some images of each new class
             data, held = train_val_split(train.only_classes(classes), HOLDOUT_FRACTION, cfg.train.seed)
         report = learner.step(data, classes)
         if cfg.train.classifier == "auto":
-            for name in classes:
-                held_images.append(held.images[held.labels == held.class_names.index(name)][:HOLDOUT_PER_CLASS])
-                held_labels.append(np.full(len(held_images[-1]), learner.class_names.index(name), np.int64))
-            learner.choose_classifier(np.concatenate(held_images), np.concatenate(held_labels))
+            holdout.update(kept_holdout(held, learner.class_names))
+            learner.choose_classifier(*holdout_arrays(holdout))
         ev = evaluate(learner, test.only_classes(learner.class_names))
         matrix.append(ev.accuracy_per_group)
         overall.append(ev.deployed_accuracy)
