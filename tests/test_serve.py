@@ -266,7 +266,9 @@ def test_a_step_from_the_page_streams_its_progress_and_commits(ws, digits):
         final = events[-1]
         assert final["status"] == "done", final
         epochs = [(e["phase"], e["epoch"]) for e in events if e["epoch"]]
-        assert ("train", 1) in epochs and any(p == "finishing" for p, _ in epochs)
+        # The stream sends the job's state as it polls it, so a fast epoch can be passed over;
+        # what it must show is the training under way, then the end.
+        assert any(p == "train" for p, _ in epochs) and any(p == "finishing" for p, _ in epochs)
         assert any(e["time_left"] is not None and e["images_per_second"] for e in events)
         assert final["result"]["step"] == 2 and final["result"]["classes"] == ["2", "3"]
         assert [cl["name"] for cl in c.get("/api/workspace").json()["classes"]] == ["0", "1", "2", "3"]
