@@ -56,6 +56,17 @@ def test_int8_teachers_stay_within_tolerance_of_fp32(trained):
 
 
 @needs_int8
+def test_int8_teachers_fuse_every_relu_into_its_convolution(trained):
+    """Folding leaves an Identity where each BatchNorm was; left in the traced graph it keeps
+    conv+ReLU apart, and each ReLU runs as an int8 op of its own."""
+    learner, batches = trained
+    int8 = tp.build(_teachers(learner), "int8", batches[:2])
+    kinds = [type(m).__name__ for net in int8.nets for m in net.int8_stages.modules()]
+    assert "ConvReLU2d" in kinds
+    assert "ReLU" not in kinds and "Identity" not in kinds, sorted(set(kinds))
+
+
+@needs_int8
 def test_auto_refuses_int8_when_the_tolerance_is_violated(trained):
     learner, batches = trained
     args = dict(device=torch.device("cpu"), batches=lambda n: batches[:n], with_aux=True, temperature=2.0)
