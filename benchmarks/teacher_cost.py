@@ -1,8 +1,9 @@
 """What cheaper teachers cost in accuracy: M2KD on digits, 10 steps of one class (so the last
-step has 9 teachers), with the teachers in fp32, at the default precision (auto), and asking
-a random subset of them per batch (TrainConfig.teacher_subset), over a few seeds.
+step has 9 teachers), with every teacher in fp32, every teacher at the default precision (auto),
+and asking a random subset of them per batch (TrainConfig.teacher_subset; the library's default
+is the subset row), over a few seeds.
 
-    python -m benchmarks.teacher_cost                        # seeds 1,2,3; subset 3
+    python -m benchmarks.teacher_cost                        # seeds 1,2,3; subset: the default
     python -m benchmarks.teacher_cost --seeds 1 --subset 2
 """
 
@@ -23,7 +24,7 @@ from benchmarks.common import (
     torch_threads,
     write_json,
 )
-from edge_m2kd.config import method_config
+from edge_m2kd.config import TrainConfig, method_config
 from edge_m2kd.data import class_order, load_digits
 from edge_m2kd.protocol import run_protocol
 
@@ -31,13 +32,15 @@ from edge_m2kd.protocol import run_protocol
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=parse_int_list, default=[1, 2, 3])
-    parser.add_argument("--subset", type=int, default=3, help="teacher terms asked per batch in the subset rows")
+    parser.add_argument("--subset", type=int, default=TrainConfig.teacher_subset,
+                        help="teacher terms asked per batch in the subset rows (default: the library's default)")
     parser.add_argument("--epochs", type=int, default=2)
     add_output_args(parser, "teacher_cost")
     args = parser.parse_args(argv)
     train, test = load_digits("train", 16), load_digits("test", 16)
     steps = [[c] for c in class_order(train.class_names, 1993)]
-    variants = {"fp32": {"teacher_precision": "fp32"}, "auto": {},
+    variants = {"fp32, every teacher": {"teacher_precision": "fp32", "teacher_subset": 0},
+                "auto, every teacher": {"teacher_subset": 0},
                 f"auto, subset {args.subset}": {"teacher_subset": args.subset}}
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     with torch_threads(args.threads or 1):

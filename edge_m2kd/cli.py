@@ -139,17 +139,22 @@ wait_option = click.option("--wait", is_flag=True,
 @click.option("--teacher-precision", default="auto", show_default=True, type=click.Choice(TEACHER_PRECISIONS),
               help="number format the frozen teachers run in; auto: int8 on a CPU, fp16 under CUDA, each only "
                    "while its logits stay within a KL of 0.01 of fp32 (checked at every step)")
+@click.option("--teacher-subset", default=None, type=click.IntRange(0), metavar="K",
+              help="snapshots asked per batch: a random K of them, weighted so that the loss's expectation is "
+                   "that of all of them (a step's cost stops growing with the groups learned); 0: all "
+                   f"(default {TrainConfig.teacher_subset})")
 @wait_option
 @click.option("--json", "as_json", is_flag=True)
 def init(ws: Path, backbone, pretrained, frozen_stages, backbone_lr_scale, lr, input_size, policy, exemplars, method,
-         memory_budget, device, epochs, batch_size, planned_steps, classifier, flip, teacher_precision, wait,
-         as_json) -> None:
+         memory_budget, device, epochs, batch_size, planned_steps, classifier, flip, teacher_precision, teacher_subset,
+         wait, as_json) -> None:
     """Create a workspace WS."""
     from edge_m2kd.commands import init_workspace
 
     out = init_workspace(ws, backbone, input_size, policy, exemplars, method, memory_budget, device, epochs,
                          batch_size, planned_steps, flip, pretrained, frozen_stages, backbone_lr_scale, lr,
-                         classifier=classifier, wait=wait, teacher_precision=teacher_precision)
+                         classifier=classifier, wait=wait, teacher_precision=teacher_precision,
+                         teacher_subset=teacher_subset)
     if as_json:
         emit_json(out)
     else:

@@ -60,11 +60,12 @@ def init_workspace(
     classifier: str | None = None,
     wait: bool = False,
     teacher_precision: str = "auto",
+    teacher_subset: int | None = None,
 ) -> dict[str, Any]:
     """A new workspace. On a pretrained start the defaults are those of PRETRAINED_DEFAULTS
     (fewer epochs, a smaller learning rate, the early stages frozen, NME deployed)."""
     given = {"epochs": epochs, "frozen_stages": frozen_stages, "backbone_lr_scale": backbone_lr_scale, "lr": lr,
-             "classifier": classifier}
+             "classifier": classifier, "teacher_subset": teacher_subset}
     given = {k: v for k, v in given.items() if v is not None}  # what the user chose; the rest are defaults
     cfg = method_config(
         method,

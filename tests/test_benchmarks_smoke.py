@@ -98,9 +98,10 @@ def test_overhead_times_and_counts_every_teacher_path(tmp_path, capsys):
     for t, r in rows.items():
         assert r["teachers"] == t - 1
         for key in ("icarl_seconds", "m2kd_seconds", "m2kd_stacked_seconds", "m2kd_naive_seconds",
-                    "icarl_fp32_seconds", "m2kd_fp32_seconds", "m2kd_subset_seconds"):
+                    "icarl_fp32_seconds", "m2kd_fp32_seconds", "m2kd_subset_seconds", "m2kd_all_seconds"):
             assert r[key] > 0
         assert math.isclose(r["ratio"], r["m2kd_seconds"] / r["icarl_seconds"])
+        assert math.isclose(r["all_ratio"], r["m2kd_all_seconds"] / r["icarl_seconds"])
         assert r["m2kd_precision"] in ("fp32", "int8") and set(r["m2kd_precision_checked"]) <= {"int8"}
         assert math.isclose(r["flop_ratio"], r["m2kd_gflop_per_batch"] / r["icarl_gflop_per_batch"])
     # One teacher forward is about a third of a training step's arithmetic (forward plus backward), so

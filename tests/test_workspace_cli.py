@@ -385,6 +385,17 @@ def test_the_cli_offers_every_method_and_policy_the_library_has(tmp_path):
         assert Workspace.open(tmp_path / method).config.method == method
 
 
+def test_init_sets_the_teacher_subset_and_keeps_the_default_otherwise(tmp_path):
+    from edge_m2kd.config import TrainConfig
+
+    assert cli("init", tmp_path / "all", *INIT, "--teacher-subset", "0")[0] == 0
+    assert cli("init", tmp_path / "default", *INIT)[0] == 0
+    assert Workspace.open(tmp_path / "all").config.train.teacher_subset == 0
+    assert Workspace.open(tmp_path / "default").config.train.teacher_subset == TrainConfig.teacher_subset
+    code, _, err = cli("init", tmp_path / "bad", *INIT, "--teacher-subset", "-1")
+    assert code == 2 and "teacher-subset" in err
+
+
 def test_the_cli_sets_a_passive_openmp_wait_policy_before_torch_loads():
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     code = "import os, sys, edge_m2kd.cli; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
