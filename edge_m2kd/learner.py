@@ -350,18 +350,17 @@ class Learner:
                         frozen = model.frozen_outputs(x)  # [] when nothing is frozen
                     if teachers is not None:
                         with timer(f"{phase}.teachers"):
-                            asked = {k for k, _ in batch_terms} if batch_terms is not terms else None
-                            teacher_outs = teachers(x, with_aux=self.cfg.loss.multi_level, frozen=frozen,
-                                                    **({"steps": asked} if asked is not None else {}))
+                            asked = None if batch_terms is terms else {k for k, _ in batch_terms}
+                            teacher_outs = teachers(x, with_aux=self.cfg.loss.multi_level, frozen=frozen, steps=asked)
                 with timer(f"{phase}.student"):
                     out = net(x, with_aux=with_aux, frozen=frozen)
                     loss = m2kd_loss(out, y, batch_terms, teacher_outs, self.cfg.loss, scale)
                     opt.zero_grad(set_to_none=True)
                     loss.total.backward()
-                    grads = [p.grad for p in params.values() if p.grad is not None]
-                    with_grad = [p.detach() for p in params.values() if p.grad is not None]
                     if tc.weight_decay:
-                        torch._foreach_add_(grads, with_grad, alpha=tc.weight_decay)
+                        with_grad = [p for p in params.values() if p.grad is not None]
+                        torch._foreach_add_([p.grad for p in with_grad], [p.detach() for p in with_grad],
+                                            alpha=tc.weight_decay)
                     if masked:
                         present = [(p.grad, m) for p, m in masked if p.grad is not None]
                         torch._foreach_mul_([g for g, _ in present], [m for _, m in present])
