@@ -203,11 +203,13 @@ class Learner:
         checked against fp32) on batches of the step's own augmented training images, drawn
         from a generator of their own so that training sees the same batches either way.
         `teacher_images`: how many images each teacher reads in the step (default: the training
-        set times the training and fine-tuning epochs)."""
+        set times the training and fine-tuning epochs, times K/n under a subset of K of n teachers)."""
         tc = self.cfg.train
         if teacher_images is None:
             finetune = self.cfg.snapshots.prune_finetune_epochs if self.cfg.snapshots.policy != "full" else 0
             teacher_images = len(images) * (tc.epochs + finetune)
+            if 0 < tc.teacher_subset < len(snapshots):  # each teacher is asked in about K of n batches
+                teacher_images = teacher_images * tc.teacher_subset // len(snapshots)
         teachers = build_teachers(snapshots, tc.teacher_mode)
         if teachers is not None:
             self._to_device(teachers)

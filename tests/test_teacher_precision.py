@@ -87,6 +87,27 @@ def test_auto_refuses_int8_when_the_tolerance_is_violated(trained):
         tp.build(stacked, "int8", batches[:1])
 
 
+def test_auto_counts_only_the_images_each_teacher_reads_under_the_subset(trained, monkeypatch):
+    """With a random K of n teachers per batch each teacher reads about K/n of the step's images:
+    that share, not every image, must win back int8's set-up (INT8_MIN_IMAGES)."""
+    learner, _ = trained
+    asked: list[int] = []
+
+    def prepare(teachers, *args, teacher_images=None, **kwargs):
+        asked.append(teacher_images)
+        return teachers, None
+
+    monkeypatch.setattr(tp, "prepare", prepare)
+    images = np.zeros((100, 8, 8, 3), np.uint8)
+    eight = {k: learner.store.teacher(1) for k in range(1, 9)}
+    cfg = learner.cfg
+    every = 100 * (cfg.train.epochs + (cfg.snapshots.prune_finetune_epochs if cfg.snapshots.policy != "full" else 0))
+    for subset, teachers, expected in [(4, eight, every * 4 // 8), (0, eight, every), (4, {1: eight[1]}, every)]:
+        monkeypatch.setattr(cfg.train, "teacher_subset", subset)
+        learner._teachers(teachers, images)
+        assert asked[-1] == expected
+
+
 @needs_int8
 def test_int8_teachers_traced_once_equal_teachers_traced_alone(trained):
     """The second teacher loads its weights into the first one's traced graph: the same as tracing its own."""
