@@ -1,6 +1,8 @@
 import pytest
 import torch
+from helpers import quick_config
 
+import edge_m2kd.learner as learner_module
 from edge_m2kd.models import IncrementalNet
 from edge_m2kd.teachers import FoldedTeachers, SeparateTeachers, StackedTeachers, fold_bn
 
@@ -61,3 +63,20 @@ def test_stacked_teachers_do_not_mix_channels():
         after = StackedTeachers(teachers)(x)
     assert torch.equal(before[1].logits, after[1].logits)
     assert not torch.allclose(before[2].logits, after[2].logits)
+
+
+
+@pytest.mark.parametrize("feature_distill", ["none", "pod"])
+def test_the_loss_gets_teacher_maps_only_when_a_term_reads_them(blob_data, monkeypatch, feature_distill):
+    # Stage maps held past the teachers' forward cost memory at the step's peak; only pod reads them.
+    seen, loss = [], learner_module.m2kd_loss
+
+    def recording_loss(out, y, terms, teacher_outs, cfg, scale):
+        seen.extend(bool(o.maps) for o in teacher_outs.values())
+        return loss(out, y, terms, teacher_outs, cfg, scale)
+
+    monkeypatch.setattr(learner_module, "m2kd_loss", recording_loss)
+    learner = learner_module.Learner(quick_config("m2kd", epochs=1, loss={"feature_distill": feature_distill}))
+    learner.step(blob_data, ["c0", "c1"])
+    learner.step(blob_data, ["c2", "c3"])
+    assert seen and all(has_maps == (feature_distill == "pod") for has_maps in seen)
