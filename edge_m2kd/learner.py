@@ -355,7 +355,7 @@ class Learner:
                         with timer(f"{phase}.teachers"):
                             asked = None if batch_terms is terms else {k for k, _ in batch_terms}
                             teacher_outs = teachers(x, with_aux=self.cfg.loss.multi_level, frozen=frozen, steps=asked)
-                            # No term reads the stage maps (about 7 MB a teacher a batch at 32 px): free them
+                            # No term reads the stage maps (7 MB a teacher for a batch of 64 at 32 px): free them
                             # before the student's forward and backward, the step's peak of memory.
                             if self.cfg.loss.feature_distill == "none":
                                 teacher_outs = {k: replace(o, maps=[]) for k, o in teacher_outs.items()}

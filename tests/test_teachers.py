@@ -65,7 +65,6 @@ def test_stacked_teachers_do_not_mix_channels():
     assert not torch.allclose(before[2].logits, after[2].logits)
 
 
-
 @pytest.mark.parametrize("feature_distill", ["none", "pod"])
 def test_the_loss_gets_teacher_maps_only_when_a_term_reads_them(blob_data, monkeypatch, feature_distill):
     # Stage maps held past the teachers' forward cost memory at the step's peak; only pod reads them.
