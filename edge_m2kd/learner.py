@@ -8,7 +8,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -330,6 +330,9 @@ class Learner:
         labels_t = torch.from_numpy(labels)
         images_t = _as_tensor(images)  # no copy: batches are indexed out of it
         with_aux = self.cfg.loss.aux_heads or self.cfg.loss.multi_level
+        # Only feature distillation reads the teachers' stage maps (7 MB a teacher for a batch of 64 at
+        # 32 px); without it they are not kept through the student's forward and backward, the peak.
+        with_maps = self.cfg.loss.feature_distill != "none"
         timer = self.timer
         # Its own generator: asking a subset of the teachers leaves the batches and their augmentation as they were.
         subset_gen = torch.Generator().manual_seed(tc.seed + 104729 * len(self.groups))
@@ -354,11 +357,8 @@ class Learner:
                     if teachers is not None:
                         with timer(f"{phase}.teachers"):
                             asked = None if batch_terms is terms else {k for k, _ in batch_terms}
-                            teacher_outs = teachers(x, with_aux=self.cfg.loss.multi_level, frozen=frozen, steps=asked)
-                            # No term reads the stage maps (7 MB a teacher for a batch of 64 at 32 px): free them
-                            # before the student's forward and backward, the step's peak of memory.
-                            if self.cfg.loss.feature_distill == "none":
-                                teacher_outs = {k: replace(o, maps=[]) for k, o in teacher_outs.items()}
+                            teacher_outs = teachers(x, with_aux=self.cfg.loss.multi_level, frozen=frozen, steps=asked,
+                                                    with_maps=with_maps)
                 with timer(f"{phase}.student"):
                     out = net(x, with_aux=with_aux, frozen=frozen)
                     loss = m2kd_loss(out, y, batch_terms, teacher_outs, self.cfg.loss, scale)

@@ -124,8 +124,9 @@ class CastTeachers(nn.Module):
         self.dtype = dtype
 
     def forward(self, x: torch.Tensor, with_aux: bool = True, frozen: list[torch.Tensor] | None = None,
-                steps: set[int] | None = None) -> dict[int, NetOutput]:
-        outs = self.inner(x.to(self.dtype), with_aux=with_aux, frozen=_cast(frozen, self.dtype), steps=steps)
+                steps: set[int] | None = None, with_maps: bool = True) -> dict[int, NetOutput]:
+        outs = self.inner(x.to(self.dtype), with_aux=with_aux, frozen=_cast(frozen, self.dtype), steps=steps,
+                          with_maps=with_maps)
         return {k: NetOutput(**{f.name: _cast(getattr(o, f.name), torch.float32) for f in dataclasses.fields(o)})
                 for k, o in outs.items()}
 

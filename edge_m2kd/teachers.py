@@ -120,7 +120,7 @@ class StackedTeachers(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor, with_aux: bool = True, frozen: list[torch.Tensor] | None = None,
-                steps: set[int] | None = None) -> dict[int, NetOutput]:
+                steps: set[int] | None = None, with_maps: bool = True) -> dict[int, NetOutput]:
         """`frozen` and `steps` are accepted for the common interface; stacked teachers compute
         every stage of every teacher."""
         n = len(x)
@@ -136,7 +136,7 @@ class StackedTeachers(nn.Module):
             aux = []
             if with_aux:
                 aux = [F.linear(pooled[lvl][:, i], w, b) for lvl, (w, b) in zip(self.aux_levels, self.aux_heads[i])]
-            own_maps = [m.view(n, self.k, -1, *m.shape[2:])[:, i] for m in maps]
+            own_maps = [m.view(n, self.k, -1, *m.shape[2:])[:, i] for m in maps] if with_maps else []
             out[step] = NetOutput(F.linear(features, *self.heads[i]), aux, features, own_maps)
         return out
 
@@ -150,10 +150,11 @@ class SeparateTeachers(nn.Module):
         self.nets = nn.ModuleList([teachers[k].eval() for k in self.steps])
 
     def forward(self, x: torch.Tensor, with_aux: bool = True, frozen: list[torch.Tensor] | None = None,
-                steps: set[int] | None = None) -> dict[int, NetOutput]:
+                steps: set[int] | None = None, with_maps: bool = True) -> dict[int, NetOutput]:
         """`frozen`: the outputs of the stages every teacher shares with the student, if known;
-        `steps`: only these teachers (a random subset of the terms, losses.sample_terms)."""
-        return {k: net(x, with_aux=with_aux, frozen=frozen) for k, net in zip(self.steps, self.nets)
+        `steps`: only these teachers (a random subset of the terms, losses.sample_terms);
+        `with_maps`: keep each stage's map (IncrementalNet.forward)."""
+        return {k: net(x, with_aux=with_aux, frozen=frozen, with_maps=with_maps) for k, net in zip(self.steps, self.nets)
                 if steps is None or k in steps}
 
 

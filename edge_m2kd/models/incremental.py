@@ -111,15 +111,17 @@ class IncrementalNet(nn.Module):
         (which share those weights), so a training step computes them once per batch."""
         return self._run_stages(x, 0, self.n_frozen)
 
-    def forward(self, x: torch.Tensor, with_aux: bool = True, frozen: list[torch.Tensor] | None = None) -> NetOutput:
-        """`frozen`: frozen_outputs(x), when the caller has them already."""
+    def forward(self, x: torch.Tensor, with_aux: bool = True, frozen: list[torch.Tensor] | None = None,
+                with_maps: bool = True) -> NetOutput:
+        """`frozen`: frozen_outputs(x), when the caller has them already; `with_maps`: keep every
+        stage's map in the output (NetOutput.maps), else leave it empty."""
         frozen = frozen or []
         stages = [*frozen, *self._run_stages(frozen[-1] if frozen else x, len(frozen), len(self._stages))]
         features = stages[-1].mean(dim=(2, 3))
         aux = []
         if with_aux:
             aux = [head(stages[i].mean(dim=(2, 3))) for i, head in zip(self.aux_levels, self.aux_heads)]
-        return NetOutput(self.main_head(features), aux, features, stages)
+        return NetOutput(self.main_head(features), aux, features, stages if with_maps else [])
 
 
 class DeployedClassifier(nn.Module):
