@@ -87,6 +87,21 @@ def test_auto_refuses_int8_when_the_tolerance_is_violated(trained):
         tp.build(stacked, "int8", batches[:1])
 
 
+@needs_int8
+def test_the_precision_check_builds_no_stage_maps(trained, monkeypatch):
+    # The check compares logits only; stage maps would be built (and cast) for nothing.
+    learner, batches = trained
+    seen, logit_error = [], tp.logit_error
+
+    def recording(reference, got, temperature):
+        seen.extend(bool(out.maps) for out in [*reference.values(), *got.values()])
+        return logit_error(reference, got, temperature)
+
+    monkeypatch.setattr(tp, "logit_error", recording)
+    tp.prepare(_teachers(learner), "auto", torch.device("cpu"), lambda n: batches[:n], True, 2.0, 1.0)
+    assert seen and not any(seen)
+
+
 def test_auto_counts_only_the_images_each_teacher_reads_under_the_subset(trained, monkeypatch):
     """With a random K of n teachers per batch each teacher reads about K/n of the step's images:
     that share, not every image, must win back int8's set-up (INT8_MIN_IMAGES)."""
