@@ -141,15 +141,22 @@ def test_pod_distills_the_newest_snapshots_pooled_maps():
 def test_adaptive_weight_scales_distillation_by_sqrt_old_over_new():
     assert distill_weight(LossConfig(distill_weight="adaptive"), 9, 1) == pytest.approx(3.0)
     assert distill_weight(LossConfig(distill_weight="adaptive"), 8, 2) == pytest.approx(2.0)
-    assert distill_weight(LossConfig(), 9, 1) == 1.0
+    assert distill_weight(LossConfig(distill_weight="fixed"), 9, 1) == 1.0
     torch.manual_seed(1)
     student = _out(torch.randn(5, 3), [])
     teachers = {1: _out(torch.randn(5, 2), [])}
     y = torch.randint(0, 3, (5,))
     terms = teacher_terms(2, [[0, 1], [2]], LossConfig())
-    fixed = m2kd_loss(student, y, terms, teachers, LossConfig(multi_level=False))
+    fixed = m2kd_loss(student, y, terms, teachers, LossConfig(multi_level=False, distill_weight="fixed"))
     adaptive = m2kd_loss(student, y, terms, teachers, LossConfig(multi_level=False, distill_weight="adaptive"))
     assert adaptive.mm == pytest.approx(fixed.mm)  # the term itself is the same ...
     assert (adaptive.total - adaptive.cls).item() == pytest.approx(2 ** 0.5 * (fixed.total - fixed.cls).item())
     with pytest.raises(ValueError, match="distill_weight"):
         distill_weight(LossConfig(distill_weight="grow"), 2, 2)
+
+
+def test_m2kd_weights_distillation_adaptively_and_the_single_teacher_methods_do_not():
+    # Chosen on validation per method (config.py): M2KD adaptive, iCaRL and LwF fixed.
+    assert method_config("m2kd").loss.distill_weight == "adaptive"
+    assert method_config("m2kd-multi-model").loss.distill_weight == "adaptive"
+    assert {method_config(m).loss.distill_weight for m in ("icarl", "lwf")} == {"fixed"}
