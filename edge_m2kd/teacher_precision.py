@@ -263,14 +263,16 @@ def prepare(teachers: nn.Module | None, precision: str, device: torch.device,
     cut = min(calibration_batches, max(1, len(data) - 1))  # a tiny step: check on what calibrated
     calibration, check = data[:cut], data[cut:] or data[:cut]
     choice = PrecisionChoice(precision, "fp32", tolerance_kl if precision == "auto" else None)
-    # The check compares logits only: stage maps would be built (and cast) for nothing.
-    with torch.inference_mode():
-        reference = [teachers(x, with_aux=with_aux, frozen=frozen, with_maps=False) for x, frozen in check]
+
+    def outputs(net: nn.Module) -> list[dict[int, NetOutput]]:
+        # The check compares logits only: stage maps would be built (and cast) for nothing.
+        with torch.inference_mode():
+            return [net(x, with_aux=with_aux, frozen=frozen, with_maps=False) for x, frozen in check]
+
+    reference = outputs(teachers)
     for name in tried:
         lowered = build(teachers, name, calibration)
-        with torch.inference_mode():
-            errors = [logit_error(ref, lowered(x, with_aux=with_aux, frozen=frozen, with_maps=False), temperature)
-                      for ref, (x, frozen) in zip(reference, check)]
+        errors = [logit_error(ref, got, temperature) for ref, got in zip(reference, outputs(lowered))]
         choice.errors[name] = {key: max(e[key] for e in errors) for key in errors[0]} if errors else {}
         if precision != "auto" or choice.errors[name].get("kl", 0.0) < tolerance_kl:
             choice.used = name
