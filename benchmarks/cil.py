@@ -23,6 +23,7 @@ import random
 import shutil
 import tarfile
 import time
+import typing
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -258,7 +259,10 @@ def parse_setting(text: str) -> tuple[str, str, Any]:
 
 def parse_field(text: str, config: type) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
-    types = {f.name: type(f.default) for f in fields(config) if not callable(f.default_factory)}
+    # A field that defaults to None (`float | None`) takes the type it holds when set.
+    hints = typing.get_type_hints(config)
+    types = {f.name: type(f.default) if f.default is not None else _set_type(hints[f.name])
+             for f in fields(config) if not callable(f.default_factory)}
     if not sep or key not in types:
         raise argparse.ArgumentTypeError(f"{text!r}: use KEY=VALUE with KEY one of {', '.join(types)}")
     if types[key] is bool:
@@ -269,6 +273,11 @@ def parse_field(text: str, config: type) -> tuple[str, Any]:
         return key, types[key](value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{key} takes a {types[key].__name__}, got {value!r}") from None
+
+
+def _set_type(hint: Any) -> type:
+    """`X | None` -> X."""
+    return next(t for t in typing.get_args(hint) if t is not type(None))
 
 
 def row_label(name: str, args: argparse.Namespace) -> str:

@@ -131,6 +131,10 @@ class SnapshotConfig:
     # packed: fraction of all weights the first step keeps. 0.3 rather than half: later steps
     # get 0.7/(planned-1) each, and on digits the packed-vs-full gap fell from 6.4 to 2.2 points.
     first_step_share: float = 0.3
+    # packed: fraction of all weights each later step keeps; None: an equal part of the rest,
+    # (1 - first_step_share) / (planned_steps - 1). A smaller share leaves the late steps more free
+    # weights to learn with (at 2 then 8 one-class steps the equal share leaves step 9 8.75%).
+    later_step_share: float | None = None
     # packed: what a weight no step owns holds: "small_random" (zero in the snapshots, restarted
     # at reinit_scale of Kaiming scale) or "pretrained" (its pretrained value: snapshots keep
     # each step's largest changes from the pretrained network, and free weights restart there).
