@@ -1,6 +1,7 @@
 """Smoke runs of the benchmark scripts (benchmarks/), in-process and tiny: the JSON they print
 has the documented shape and its numbers are sane. Not a measurement."""
 
+import argparse
 import importlib
 import json
 import math
@@ -125,6 +126,13 @@ def test_cil_loss_overrides_reach_the_m2kd_rows_only(tmp_path, capsys):
 def test_cil_refuses_an_unknown_loss_option():
     with pytest.raises(SystemExit):
         cil.parse_args(["--loss", "distill_reduction"])
+
+
+def test_cil_set_takes_a_field_that_defaults_to_none_as_the_type_it_holds():
+    assert cil.parse_setting("snapshots.later_step_share=0.05") == ("snapshots", "later_step_share", 0.05)
+    assert cil.parse_setting("model.pretrained=imagenet") == ("model", "pretrained", "imagenet")
+    with pytest.raises(argparse.ArgumentTypeError, match="takes a float"):
+        cil.parse_setting("snapshots.later_step_share=half")
 
 
 def test_cil_resume_keeps_finished_methods_and_refuses_other_settings(tmp_path, capsys):

@@ -81,6 +81,18 @@ def test_packed_store_capacity_shares(packed):
     assert store.free_fraction() == 0.0
 
 
+def test_a_later_step_share_leaves_the_later_steps_free_weights(blob_data):
+    """Step 2 of 3 keeps later_step_share of every tensor, not an equal part of the rest (0.35),
+    so step 3 learns with 1 - 0.3 - 0.1 of the weights free instead of 0.35."""
+    learner = Learner(quick_config("m2kd", "packed", snapshots={"later_step_share": 0.1}))
+    for k in range(2):
+        learner.step(blob_data, blob_data.class_names[2 * k : 2 * k + 2])
+    owner = learner.store.owner
+    total = sum(o.numel() for o in owner.values())
+    assert sum(int((o == 2).sum()) for o in owner.values()) / total == pytest.approx(0.1, abs=0.01)
+    assert learner.store.free_fraction() == pytest.approx(0.6, abs=0.01)
+
+
 def test_state_round_trip_keeps_every_snapshot(packed):
     tensors, meta = packed.store.state()
     fresh = make_store(packed.cfg.snapshots, packed.cfg.model)
