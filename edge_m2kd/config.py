@@ -131,10 +131,13 @@ class SnapshotConfig:
     # packed: fraction of all weights the first step keeps. 0.3 rather than half: later steps
     # get 0.7/(planned-1) each, and on digits the packed-vs-full gap fell from 6.4 to 2.2 points.
     first_step_share: float = 0.3
-    # packed: fraction of all weights each later step keeps; None: an equal part of the rest,
-    # (1 - first_step_share) / (planned_steps - 1). A smaller share leaves the late steps more free
-    # weights to learn with (at 2 then 8 one-class steps the equal share leaves step 9 8.75%).
-    later_step_share: float | None = None
+    # packed: fraction of all weights each later step keeps, at most; the equal part of the rest,
+    # (1 - first_step_share) / (planned_steps - 1), when that is smaller (the planned steps always
+    # fit) or when None. A small share leaves the late steps free weights to learn with: the equal
+    # share leaves step 9 of 2 then 8 one-class steps 8.75%, 0.05 leaves it 35%. Chosen on
+    # validation (docs/benchmarks.md, "Packed capacity for the late steps"): at the full cpu-short
+    # schedule, 2 then 8 one-class steps, 38.4 (0.05) and 37.9 (0.03) against 37.1 (equal share).
+    later_step_share: float | None = 0.05
     # packed: what a weight no step owns holds: "small_random" (zero in the snapshots, restarted
     # at reinit_scale of Kaiming scale) or "pretrained" (its pretrained value: snapshots keep
     # each step's largest changes from the pretrained network, and free weights restart there).

@@ -333,12 +333,11 @@ class PackedSnapshots(SnapshotStore):
 
     def share(self, step: int) -> float:
         """Fraction of all prunable weights step `step` keeps: the first step a fixed share,
-        later steps `later_step_share` or else an equal part of the rest, so `planned_steps` steps fit."""
+        later steps `later_step_share`, capped at an equal part of the rest so `planned_steps` steps fit."""
         if step == 1:
             return self.cfg.first_step_share
-        if self.cfg.later_step_share is not None:
-            return self.cfg.later_step_share
-        return (1.0 - self.cfg.first_step_share) / max(self.cfg.planned_steps - 1, 1)
+        equal = (1.0 - self.cfg.first_step_share) / max(self.cfg.planned_steps - 1, 1)
+        return equal if self.cfg.later_step_share is None else min(self.cfg.later_step_share, equal)
 
     def free_fraction(self) -> float:
         total = sum(o.numel() for o in self.owner.values())

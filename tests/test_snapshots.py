@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -91,6 +93,14 @@ def test_a_later_step_share_leaves_the_later_steps_free_weights(blob_data):
     total = sum(o.numel() for o in owner.values())
     assert sum(int((o == 2).sum()) for o in owner.values()) / total == pytest.approx(0.1, abs=0.01)
     assert learner.store.free_fraction() == pytest.approx(0.6, abs=0.01)
+
+
+def test_the_later_step_share_is_capped_so_the_planned_steps_fit():
+    cfg = quick_config("m2kd", "packed").snapshots
+    many = PackedSnapshots(replace(cfg, planned_steps=30, later_step_share=0.05), quick_config().model)
+    assert many.share(2) == pytest.approx(0.7 / 29)  # 0.05 x 29 later steps would not fit in 0.7
+    equal = PackedSnapshots(replace(cfg, planned_steps=3, later_step_share=None), quick_config().model)
+    assert equal.share(2) == pytest.approx(0.35)
 
 
 def test_state_round_trip_keeps_every_snapshot(packed):
