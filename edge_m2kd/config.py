@@ -173,7 +173,9 @@ class LearnerConfig:
             loss=LossConfig(**d["loss"]),
             train=TrainConfig(**d["train"]),
             memory=MemoryConfig(**d["memory"]),
-            snapshots=SnapshotConfig(**d["snapshots"]),
+            # A workspace saved before later_step_share existed keeps the equal share it was
+            # planned with, so an upgrade does not change how its remaining steps are packed.
+            snapshots=SnapshotConfig(**{"later_step_share": None, **d["snapshots"]}),
         )
 
 

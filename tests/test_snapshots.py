@@ -5,6 +5,7 @@ import pytest
 import torch
 from helpers import quick_config
 
+from edge_m2kd.config import LearnerConfig
 from edge_m2kd.learner import Learner
 from edge_m2kd.snapshots import PackedSnapshots, make_store, pack_bits, prunable_names, unpack_bits
 
@@ -101,6 +102,13 @@ def test_the_later_step_share_is_capped_so_the_planned_steps_fit():
     assert many.share(2) == pytest.approx(0.7 / 29)  # 0.05 x 29 later steps would not fit in 0.7
     equal = PackedSnapshots(replace(cfg, planned_steps=3, later_step_share=None), quick_config().model)
     assert equal.share(2) == pytest.approx(0.35)
+
+
+def test_a_config_saved_before_later_step_share_keeps_the_equal_share():
+    saved = quick_config("m2kd", "packed").to_dict()
+    assert LearnerConfig.from_dict(saved).snapshots.later_step_share == 0.05
+    del saved["snapshots"]["later_step_share"]
+    assert LearnerConfig.from_dict(saved).snapshots.later_step_share is None
 
 
 def test_state_round_trip_keeps_every_snapshot(packed):
