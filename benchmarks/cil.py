@@ -34,6 +34,7 @@ import torch
 from benchmarks.common import (
     REPO_ROOT,
     add_output_args,
+    cpu_name,
     emit,
     exit_on_user_error,
     format_table,
@@ -384,6 +385,7 @@ def run_method(name: str, cfg: LearnerConfig, memory: int, train: ImageSet, test
         "snapshot_ratio": per_snapshot / full_copy,
         "reads_snapshots": any(teachers),  # finetune and joint keep snapshots they never read
         "seconds": result["seconds"],
+        "cpu": cpu_name(),
         "train_seconds": sum(s["seconds"] for s in result["steps"]),
         "accuracy_per_step": [s["accuracy"] for s in result["steps"]],
         "teacher_precision_per_step": [s.get("teacher_precision") for s in result["steps"]],
@@ -540,6 +542,7 @@ def report_text(result: dict[str, Any]) -> str:
         "Published anchors, final accuracy on this split (ResNet-18, full schedules; buffer 200 / 500):",
         "  " + ", ".join(f"{k} {a:.1f}" + (f" / {b:.1f}" if b is not None else "") for k, (a, b) in ANCHORS.items()),
     ]
+    footer.append(cpu_line(rows))
     if schedule == "smoke":
         footer.append("  (the anchors are for CIFAR-10; the smoke schedule runs scikit-learn's digits)")
     footer.append(f"Targets (set for --schedule {' or '.join(TARGET_SCHEDULES)} at memory {TARGET_MEMORY}; "
@@ -551,6 +554,17 @@ def report_text(result: dict[str, Any]) -> str:
         where = "" if t["applies"] else " (outside the target's setting)"
         footer.append(f"  [memory {t['memory']}] {t['name']}: {measured} -> {met}{where}")
     return "\n\n".join(sections) + "\n\n" + "\n".join(footer)
+
+
+def cpu_line(rows: list[dict[str, Any]]) -> str:
+    """Where the rows ran; with several CPU models, which runs ran on each (rows saved before
+    the field existed say "not recorded")."""
+    by_cpu: dict[str, list[str]] = {}
+    for r in rows:
+        by_cpu.setdefault(r.get("cpu", "not recorded"), []).append(f"{r['method']} {order_of(r)}")
+    if len(by_cpu) == 1:
+        return f"CPU of the runs: {next(iter(by_cpu))}"
+    return "CPU of the runs: " + "; ".join(f"{cpu} ({', '.join(runs)})" for cpu, runs in sorted(by_cpu.items()))
 
 
 def classes_seen(protocol: str, n_steps: int) -> list[int]:
@@ -791,7 +805,13 @@ def from_json(paths: list[Path], args: argparse.Namespace) -> dict[str, Any]:
                 raise UserError(f"{path} ran other settings than {paths[0]} ({', '.join(differ) or 'schedule'}); "
                                 "merge only runs of one study")
             seen = {(r["method"], r["memory"], order_of(r)) for r in result["rows"]}
-            result["rows"] += [r for r in other["rows"] if (r["method"], r["memory"], order_of(r)) not in seen]
+            for r in other["rows"]:
+                key = (r["method"], r["memory"], order_of(r))
+                if key in seen:  # the same run twice (a rerun): the file named first is the one kept
+                    log(f"{path}: skipped {r['method']} (memory {r['memory']}, order {order_of(r)}), "
+                        "already read from an earlier file")
+                else:
+                    result["rows"].append(r)
             result["class_orders"] = {**other.get("class_orders", {}), **result.get("class_orders", {})}
             result["settings"]["methods"] += [m for m in other["settings"]["methods"] if m not in result["settings"]["methods"]]
             result["complete"] = result["complete"] and other["complete"]

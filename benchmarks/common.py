@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import platform
 import re
 import sys
 import textwrap
@@ -30,6 +31,20 @@ def add_output_args(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice); on a shared machine 1 can be far faster")
+
+
+def cpu_name() -> str:
+    """The CPU model, as /proc/cpuinfo names it (else what `platform` knows). Training here is
+    deterministic for one tree, order and thread count on one CPU model, but float rounding
+    differs between models (AVX-512 against AVX2 kernels), so a rerun elsewhere can end points
+    away: results record where they ran."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def output_dir(path: Path) -> Path:

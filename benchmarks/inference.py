@@ -30,6 +30,7 @@ import torch
 
 from benchmarks.common import (
     add_output_args,
+    cpu_name,
     emit,
     format_table,
     human_bytes,
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "settings": {"models": args.models, "backends": args.backends, "batch_sizes": args.batch_sizes,
                      "iterations": args.iterations, "warmup": args.warmup, "max_seconds": args.max_seconds,
                      "device": args.device, "precision": args.precision, "threads": threads, "quick": args.quick},
-        "machine": {"platform": platform.platform(), "processor": platform.machine(), "torch": torch.__version__,
+        "machine": {"platform": platform.platform(), "processor": platform.machine(), "cpu": cpu_name(), "torch": torch.__version__,
                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         "rows": rows,
         "skipped": skipped,

@@ -23,7 +23,7 @@ throughput = importlib.import_module("benchmarks.throughput")
 SNAPSHOT_ROW_KEYS = {"backbone", "policy", "snapshots", "bytes_per_snapshot", "total_bytes", "full_copy_bytes",
                      "owner_bits_per_weight"}
 CIL_ROW_KEYS = {"method", "final_accuracy", "average_incremental_accuracy", "forgetting", "nme_final_accuracy",
-                "bytes_per_snapshot", "seconds"}
+                "bytes_per_snapshot", "seconds", "cpu"}
 
 
 def _stdout_json(capsys) -> dict:
@@ -195,6 +195,21 @@ def test_cil_several_orders_on_the_one_class_protocol(tmp_path, capsys):
                        str(tmp_path / "merged"), "--json", "--no-plot"])
     assert [(r["method"], r["order_seed"]) for r in merged["rows"]][-1] == ("icarl", 1996)
     assert len(merged["rows"]) == 7 and "1996" in merged["class_orders"]
+    # A rerun of a (method, order) already read is skipped, not added twice: the first file's row stays.
+    twice = cil.main(["--from-json", f"{other / 'results.json'},{tmp_path / 'merged' / 'results.json'}", "--out",
+                      str(tmp_path / "twice"), "--json", "--no-plot"])
+    assert len(twice["rows"]) == 7 and twice["rows"][0] == merged["rows"][-1]
+    assert "skipped icarl (memory 10, order 1996)" in capsys.readouterr().err
+    # Every row says which CPU it ran on: float rounding, so a rerun's figures, depend on it.
+    assert {r["cpu"] for r in merged["rows"]} == {cil.cpu_name()}
+    assert f"CPU of the runs: {cil.cpu_name()}" in cil.report_text(merged)
+
+
+def test_cil_report_names_the_runs_of_each_cpu_when_they_differ():
+    rows = [{"method": "icarl", "order_seed": 1993, "cpu": "A"}, {"method": "m2kd-full", "order_seed": 1993, "cpu": "B"},
+            {"method": "icarl", "order_seed": 1994}]
+    assert cil.cpu_line(rows) == "CPU of the runs: A (icarl 1993); B (m2kd-full 1993); not recorded (icarl 1994)"
+    assert cil.cpu_line(rows[:1]) == "CPU of the runs: A"
 
 
 @pytest.mark.parametrize("form", ["npz", "cifar-100-python"])
