@@ -36,8 +36,8 @@ def add_output_args(parser: argparse.ArgumentParser, name: str) -> None:
 def cpu_name() -> str:
     """The CPU model, as /proc/cpuinfo names it (else what `platform` knows). Training here is
     deterministic for one tree, order and thread count on one CPU model, but float rounding
-    differs between models (AVX-512 against AVX2 kernels), so a rerun elsewhere can end points
-    away: results record where they ran."""
+    differs between models (their kernels differ), so a rerun elsewhere can end points away:
+    results record where they ran."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
