@@ -405,6 +405,11 @@ def order_of(row: dict[str, Any]) -> int:
     return row.get("order_seed", ORDER_SEED)  # rows saved before --orders ran the first order
 
 
+def run_key(row: dict[str, Any]) -> tuple[str, int, int]:
+    """What identifies one run in a study: a rerun of the same key replaces nothing, it is skipped."""
+    return row["method"], row["memory"], order_of(row)
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     arr = np.asarray(values, dtype=float)
@@ -542,9 +547,9 @@ def report_text(result: dict[str, Any]) -> str:
         "Published anchors, final accuracy on this split (ResNet-18, full schedules; buffer 200 / 500):",
         "  " + ", ".join(f"{k} {a:.1f}" + (f" / {b:.1f}" if b is not None else "") for k, (a, b) in ANCHORS.items()),
     ]
-    footer.append(cpu_line(rows))
     if schedule == "smoke":
         footer.append("  (the anchors are for CIFAR-10; the smoke schedule runs scikit-learn's digits)")
+    footer.append(cpu_line(rows))
     footer.append(f"Targets (set for --schedule {' or '.join(TARGET_SCHEDULES)} at memory {TARGET_MEMORY}; "
                   "means over the class orders run):")
     for t in result["targets"]:
@@ -775,7 +780,7 @@ def resumed_rows(path: Path, result: dict[str, Any]) -> dict[tuple[str, int, int
     new_methods = [n for n in result["settings"]["methods"] if n not in earlier_methods]
     result["settings"]["methods"] = [*earlier_methods, *new_methods]
     result["class_orders"] = {**earlier_orders, **result["class_orders"]}
-    return {(r["method"], r["memory"], order_of(r)): r for r in earlier["rows"]}
+    return {run_key(r): r for r in earlier["rows"]}
 
 
 def finish(result: dict[str, Any], out: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -804,10 +809,9 @@ def from_json(paths: list[Path], args: argparse.Namespace) -> dict[str, Any]:
             if differ or other["schedule"] != result["schedule"]:
                 raise UserError(f"{path} ran other settings than {paths[0]} ({', '.join(differ) or 'schedule'}); "
                                 "merge only runs of one study")
-            seen = {(r["method"], r["memory"], order_of(r)) for r in result["rows"]}
+            seen = {run_key(r) for r in result["rows"]}
             for r in other["rows"]:
-                key = (r["method"], r["memory"], order_of(r))
-                if key in seen:  # the same run twice (a rerun): the file named first is the one kept
+                if run_key(r) in seen:  # the same run twice (a rerun): the file named first is the one kept
                     log(f"{path}: skipped {r['method']} (memory {r['memory']}, order {order_of(r)}), "
                         "already read from an earlier file")
                 else:
