@@ -420,10 +420,11 @@ def export(ws: Path, onnx_path, tensorrt_path, precision, max_batch, force, wait
 @main.command()
 @click.argument("ws", type=WS)
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="address to listen on; any other than loopback requires the token on every API call")
+              help="address to listen on (every API call needs the token, on loopback too)")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="read the access token from this file (default: a new random token, printed)")
+              help="read the access token from this file (mode 0600, at least 128 bits; default: a new "
+                   "random token, printed once in the URL)")
 @click.option("--max-upload-mib", default=512, show_default=True, type=click.IntRange(1),
               help="largest request (all the images of one step) the server accepts")
 def serve(ws: Path, host: str, port: int, token_file: Path | None, max_upload_mib: int) -> None:
@@ -434,21 +435,20 @@ def serve(ws: Path, host: str, port: int, token_file: Path | None, max_upload_mi
     import uvicorn
 
     from edge_m2kd.server import ServerSettings, create_app
+    from edge_m2kd.server.connections import uvicorn_config
     from edge_m2kd.server.security import read_token_file
     from edge_m2kd.server.uploads import UploadLimits
 
-    token = read_token_file(token_file) if token_file else secrets.token_urlsafe(24)
+    token = read_token_file(token_file) if token_file else secrets.token_urlsafe(32)
     settings = ServerSettings(workspace=ws, host=host, port=port, token=token,
                               limits=UploadLimits(max_request_bytes=max_upload_mib * 2**20))
     app = create_app(settings)
     shown = f"[{host}]" if ":" in host else host
-    if settings.loopback:
-        click.echo(f"serving {ws} at http://{shown}:{port}/ (this machine only; the page carries the token)")
-    else:
-        # The token goes in the URL's #fragment, which a browser never sends to the server.
-        click.echo(f"serving {ws} on {host}:{port}; open http://<this device>:{port}/#token=" +
-                   ("<the token in " + str(token_file) + ">" if token_file else token))
-        if not token_file:
-            click.echo(f"access token: {token}")
+    where = "this machine only" if settings.loopback else "on the network"
+    address = shown if settings.loopback else "<this device>"
+    # The token goes in the URL's #fragment, which a browser never sends to the server; printed
+    # once, like Jupyter's. A --token-file's token is the user's own, so it is not printed.
+    fragment = f"#token=<the token in {token_file}>" if token_file else f"#token={token}"
+    click.echo(f"serving {ws} on {shown}:{port} ({where}); open http://{address}:{port}/{fragment}")
     sys.stdout.flush()
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.Server(uvicorn_config(app, settings)).run()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -83,12 +84,16 @@ def server(tmp_path):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "edge_m2kd", "serve", str(ws), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/"
+    # The user opens the URL serve prints, the token in its #fragment (the page holds none).
+    line = proc.stdout.readline()
+    found = re.search(rf"(http://127\.0\.0\.1:{port}/#token=[A-Za-z0-9_-]+)", line)
+    assert found, line
+    url = found.group(1)
     deadline = time.monotonic() + 60
     while True:
         assert proc.poll() is None, proc.communicate()[0]
         try:
-            urllib.request.urlopen(url, timeout=2).read()
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read()
             break
         except OSError:
             assert time.monotonic() < deadline, "serve never answered"
@@ -123,6 +128,10 @@ def test_teach_two_classes_watch_the_step_and_try_the_model_in_chromium(server, 
     # -- the overview, timed from navigation start to every report drawn
     browser.get(url)
     wait.until(lambda d: js("return document.body.dataset.overview") == "steps-1")
+    token = url.split("#token=")[1]
+    # the page took the token into the tab's session storage and out of the address bar
+    assert js("return sessionStorage.getItem('edge-token')") == token
+    assert "token" not in browser.current_url and token not in browser.page_source
     wait.until(lambda d: js("return window.edgeTimings.overview_ms") is not None)
     first_load_ms = js("return window.edgeTimings.overview_ms")
     assert [c.text.split("\n")[0] for c in browser.find_elements(By.CSS_SELECTOR, ".cls")] == ["0", "1"]

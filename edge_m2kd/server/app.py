@@ -7,7 +7,6 @@ for an upload over a limit)."""
 from __future__ import annotations
 
 import asyncio
-import html
 import json
 import shutil
 import threading
@@ -37,6 +36,7 @@ STAGING = "staging"  # WS/staging/<job id>/<class>/: uploads waiting for (or rea
 MAX_EPOCHS = 500
 STREAM_KEEPALIVE_S = 15.0
 STREAM_POLL_S = 0.2
+WARM_JOIN_S = 120.0
 STATIC = resources.files("edge_m2kd.server") / "static"
 
 
@@ -47,12 +47,17 @@ def create_app(settings: ServerSettings) -> FastAPI:
     jobs = StepJobs(ws_path)
     staging_root = ws_path / STAGING
     remove_stale_staging(staging_root, ws_path)
+    slots = uploads.DecodeSlots(settings.limits.decode_slots)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        threading.Thread(target=views.warm, daemon=True, name="warm-views").start()
+        warm = threading.Thread(target=views.warm, daemon=True, name="warm-views")
+        warm.start()
         yield
         jobs.shutdown()
+        # A server stopped seconds after it started would otherwise exit with the warm-up still
+        # inside torch, which aborts the process (`terminate called without an active exception`).
+        await run_in_threadpool(warm.join, WARM_JOIN_S)
         views.close()
 
     app = FastAPI(title="edge-m2kd", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -70,10 +75,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> HTMLResponse:
-        # The loopback page carries the token (security.py says why that is safe); on any other
-        # address the user brings it.
-        token = settings.token if settings.loopback else ""
-        return HTMLResponse(page.replace("{{TOKEN}}", html.escape(token, quote=True)))
+        # The same for every caller, on every bind: it holds no token (the user brings it in the
+        # URL's #fragment, security.py).
+        return HTMLResponse(page)
 
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
 
@@ -111,17 +115,20 @@ def create_app(settings: ServerSettings) -> FastAPI:
     @app.post("/api/steps", status_code=202)
     async def start_step(request: Request) -> dict[str, Any]:
         """Multipart: `class` once per new class (in order) and `images-<i>` files for the i-th;
-        optional `epochs`. Everything is checked and staged before the step starts."""
+        optional `epochs`. Everything is checked and staged before the step starts; a busy
+        workspace is refused before any of it (before the body is even read)."""
         limits = settings.limits
+        await run_in_threadpool(jobs.refuse_if_busy)
         form = await _form(request, limits.max_files, limits.max_classes + 8)
         try:
-            names = uploads.check_names([str(v) for v in form.getlist("class")], limits)
+            known = [c["name"] for c in views.manifest()["classes"]]
+            names = uploads.check_names([str(v) for v in form.getlist("class")], limits, known)
             per_class = {name: [f for f in form.getlist(f"images-{i}") if isinstance(f, UploadFile)]
                          for i, name in enumerate(names)}
             epochs = _epochs(form.get("epochs"))
             staging = new_staging(staging_root)
             try:
-                count = await uploads.stage(staging, per_class, views.input_size(), limits)
+                count = await uploads.stage(staging, per_class, views.input_size(), limits, slots)
                 job = await run_in_threadpool(jobs.start, staging, names, count, epochs)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -178,7 +185,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         try:
             files = [f for f in form.getlist("images") if isinstance(f, UploadFile)]
             top_k = _int(form.get("top_k"), "top_k", 1, 100, default=3)
-            names, pixels = await uploads.read_images(files, views.input_size(), limits)
+            names, pixels = await uploads.read_images(files, views.input_size(), limits, slots)
         finally:
             await form.close()
         return await run_in_threadpool(views.predict, names, pixels, top_k)
@@ -187,7 +194,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
     @app.post("/api/export")
     def export(body: dict[str, Any] | None = None) -> dict[str, Any]:
         """`export --json`: ONNX with its parity gate, and a TensorRT engine when asked for (on a
-        board with TensorRT). A writer, so refused while a step runs, with the lock's line."""
+        board with TensorRT). A writer, so refused while a step runs, with the lock's line. Its body
+        is capped at a few KiB by the guard (413), before this parses it."""
         from exporters import export_workspace
 
         body = body or {}

@@ -101,6 +101,16 @@ class StepJobs:
                          name=f"step-{job.id}").start()
         return job
 
+    def refuse_if_busy(self) -> None:
+        """WorkspaceBusy while a step started here runs: what `start` would answer, said before a
+        request's uploads are read, decoded and staged for nothing. (A writer started elsewhere,
+        in a terminal, is refused by the step process itself: probing its lock could make that
+        writer fail as it starts, locking.busy_reason.)"""
+        with self._lock:
+            running = self._jobs.get(self.current or "")
+            if running is not None and running.status not in FINISHED:
+                raise WorkspaceBusy(self._busy_line(running))
+
     def _busy_line(self, job: JobState) -> str:
         try:
             holder = json.loads((self.workspace / WRITER_LOCK).read_text()).get("pid")

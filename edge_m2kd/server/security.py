@@ -2,29 +2,33 @@
 route, so no endpoint can forget a check.
 
 The model (README, "Security"):
-- Every server has a token: generated with `secrets` at start (printed) or read from
-  `--token-file`. It travels in the `X-Edge-Token` header, never in a URL (URLs end up in logs
-  and browser history).
-- On a loopback bind, reading (`GET`) needs no token, but any other method does. A page of
-  another site can make a browser send a form POST to 127.0.0.1, but it cannot add a custom
-  header (that needs a CORS preflight this server never grants) and cannot read the page that
-  holds the token (the same-origin policy). So only the page this server served can start a
-  step, cancel it or upload. The token is embedded in that page for this reason.
-- A loopback bind also refuses any `Host` other than its own address (DNS rebinding: a foreign
-  name made to resolve to 127.0.0.1 would otherwise make a foreign page same-origin with this one,
-  able to read the embedded token).
-- On any other address every `/api/` call needs the token (401 without it or with a wrong one),
-  and the page does not embed it: the user brings it (the URL printed at start carries it in the
-  `#fragment`, which a browser never sends to a server).
+- Every server has a token: generated with `secrets` at start or read from `--token-file` (mode
+  0600, at least 128 bits). Every `/api/` call needs it in the `X-Edge-Token` header (401 without
+  it or with a wrong one), on loopback too: a loopback port is open to every user of the machine,
+  and reports show the device's images. Like Jupyter, the server prints a URL with the token
+  once; it travels in the `#fragment`, which a browser never sends to a server (so no log or
+  Referer holds it), and the page keeps it in the tab's session storage.
+- Nothing a tokenless request can read contains the token: the page and its static files are
+  the same for everyone and hold no secret.
+- A loopback bind refuses any `Host` other than its own address (DNS rebinding: a foreign name
+  made to resolve to 127.0.0.1 would otherwise make a foreign page same-origin with this one).
 - A request whose `Origin` is another site is refused on every state-changing call, and request
-  bodies are capped while they stream (a client can lie in, or omit, Content-Length).
+  bodies are capped while they stream (a client can lie in, or omit, Content-Length): uploads at
+  `--max-upload-mib`, every other route at a few KiB, refused with 413 before the route runs.
+- Every answer, the guard's own refusals included, carries the same security headers, and none
+  may be stored by a cache (the page's static files are revalidated instead).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import math
+import os
 import secrets
+import stat
+import string
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -37,11 +41,18 @@ from edge_m2kd.server.uploads import UploadLimits
 
 TOKEN_HEADER = "x-edge-token"
 SAFE_METHODS = ("GET", "HEAD")
-MIN_TOKEN_LENGTH = 16
+MIN_TOKEN_BITS = 128
+# Routes whose body is images; every other route takes at most a small JSON body.
+UPLOAD_PATHS = ("/api/steps", "/api/predict")
+SMALL_BODY_BYTES = 64 * 2**10
+TOKEN_HINT = ("generate one with `python -c \"import secrets; print(secrets.token_urlsafe(32))\" > FILE && "
+              "chmod 600 FILE`")
 # The page loads only its own files; nothing may frame it (a framed Cancel button could be clicked
 # by a user who thinks they are clicking something else).
 CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; connect-src 'self'; "
        "frame-ancestors 'none'; form-action 'none'; base-uri 'none'")
+SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
+                    (b"x-frame-options", b"DENY"), (b"content-security-policy", CSP.encode())]
 
 
 def is_loopback(host: str) -> bool:
@@ -53,14 +64,48 @@ def is_loopback(host: str) -> bool:
         return False  # a name other than localhost may resolve anywhere
 
 
+def token_bits(token: str) -> float:
+    """An estimate of the entropy of a token someone chose: its length times the bits of one
+    character, log2 of the smallest usual alphabet holding all its characters (digits, hex,
+    alphanumerics, base64, printable ASCII), but at most twice the token's own Shannon entropy
+    per character. The cap is what catches repetition (`aaaaaaaaaaaaaaaa`: 0 bits, `abab...`: 2
+    bits a character); the factor 2 covers how far the plug-in estimate falls short on a short
+    random string, so a random token gets its full alphabet (32 hex characters: 128 bits)."""
+    if not token:
+        return 0.0
+    chars = set(token)
+    pool = next((len(alphabet) for alphabet in _ALPHABETS if chars <= alphabet), len(_ALPHABETS[-1]))
+    n = len(token)
+    shannon = -sum(k / n * math.log2(k / n) for k in Counter(token).values())
+    return n * min(math.log2(pool), 2 * shannon)
+
+
+_ALPHABETS = [set(a) for a in (
+    string.digits, string.digits + "abcdef", string.digits + "ABCDEF", string.digits + string.ascii_lowercase,
+    string.digits + string.ascii_uppercase, string.digits + string.ascii_letters,
+    string.digits + string.ascii_letters + "-_", string.digits + string.ascii_letters + "+/=",
+    string.digits + string.ascii_letters + string.punctuation,
+)]
+
+
 def read_token_file(path: Path) -> str:
+    """The token in ``path``, refused (one line) if others could read the file or if it is
+    guessable: under MIN_TOKEN_BITS by `token_bits`."""
+    path = Path(path)
     try:
-        token = Path(path).read_text().strip()
+        mode = path.stat().st_mode
+        token = path.read_text().strip()
     except OSError as e:
         raise UserError(f"cannot read the token file {str(path)!r} ({e.strerror}); check the path") from e
-    if len(token) < MIN_TOKEN_LENGTH or not token.isascii() or not token.isprintable() or " " in token:
-        raise UserError(f"the token in {str(path)!r} must be at least {MIN_TOKEN_LENGTH} printable ASCII characters "
-                        "without spaces; generate one with `python -c \"import secrets; print(secrets.token_urlsafe(24))\"`")
+    if os.name == "posix" and mode & (stat.S_IRGRP | stat.S_IROTH | stat.S_IWGRP | stat.S_IWOTH):
+        raise UserError(f"the token file {str(path)!r} is open to group or others (mode {stat.S_IMODE(mode):04o}), "
+                        f"so another user could take the token; run `chmod 600 {path}`")
+    if not token.isascii() or not token.isprintable() or " " in token:
+        raise UserError(f"the token in {str(path)!r} must be printable ASCII without spaces; {TOKEN_HINT}")
+    bits = token_bits(token)
+    if bits < MIN_TOKEN_BITS:
+        raise UserError(f"the token in {str(path)!r} has about {bits:.0f} bits of entropy, under {MIN_TOKEN_BITS}; "
+                        f"{TOKEN_HINT}")
     return token
 
 
@@ -71,6 +116,13 @@ class ServerSettings:
     port: int = 8000
     token: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
     limits: UploadLimits = field(default_factory=UploadLimits)
+    # Sockets (connections.py): a socket must finish its request's headers within
+    # header_timeout_s of connecting, an idle keep-alive one is closed after keep_alive_s, and
+    # past max_connections open at once a request gets a 503. Far above what the page opens (a
+    # browser keeps 6 per site), and under the 1024 file descriptors a board's shell allows.
+    header_timeout_s: float = 10.0
+    keep_alive_s: int = 5
+    max_connections: int = 512
 
     @property
     def loopback(self) -> bool:
@@ -102,16 +154,29 @@ class Guard:
             return
         headers = Headers(scope=scope)
         method, path = scope["method"], scope["path"]
+        # Static files are the same for everyone and change only with the package: a browser may
+        # keep them if it asks again first. Nothing else may be stored.
+        cache = b"no-cache" if path.startswith("/static/") else b"no-store"
         refusal = self._refusal(headers, method, path)
         if refusal is not None:
-            await _reply(send, *refusal)
+            await _reply(send, *refusal, cache=cache)
             return
-        limit = self.settings.limits.max_request_bytes
+        limit = self.settings.limits.max_request_bytes if path in UPLOAD_PATHS else SMALL_BODY_BYTES
+        too_large = (f"the request is larger than the limit of {_size(limit)} for {path}; upload fewer or smaller "
+                     "images at a time" if path in UPLOAD_PATHS else
+                     f"the request body is larger than the limit of {_size(limit)} for {path}; send a smaller body")
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            await _reply(send, 413, f"the request is larger than the limit of {limit / 2**20:.0f} MiB; upload fewer "
-                                    "or smaller images at a time")
+            await _reply(send, 413, too_large, cache=cache)
             return
+        if path not in UPLOAD_PATHS:
+            # A small body is read here, so an oversized one is a 413 before the route runs (a
+            # route's own JSON parsing would answer 400, having buffered it all).
+            body = await _read_small_body(receive, limit)
+            if body is None:
+                await _reply(send, 413, too_large, cache=cache)
+                return
+            receive = _replay(body, receive)
         received = 0
         started = False
 
@@ -128,18 +193,15 @@ class Guard:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                extra = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
-                         (b"x-frame-options", b"DENY"), (b"content-security-policy", CSP.encode())]
-                if path.startswith("/api/"):
-                    extra.append((b"cache-control", b"no-store"))
-                message = {**message, "headers": [*message.get("headers", []), *extra]}
+                kept = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"cache-control"]
+                message = {**message, "headers": [*kept, *SECURITY_HEADERS, (b"cache-control", cache)]}
             await send(message)
 
         try:
             await self.app(scope, capped_receive, guarded_send)
         except _BodyTooLarge:
             if not started:
-                await _reply(send, 413, f"the request is larger than the limit of {limit / 2**20:.0f} MiB")
+                await _reply(send, 413, too_large, cache=cache)
 
     def _refusal(self, headers: Headers, method: str, path: str) -> tuple[int, str] | None:
         s = self.settings
@@ -150,22 +212,52 @@ class Guard:
         if method not in SAFE_METHODS and origin is not None and urlsplit(origin).netloc != host:
             return 403, f"a request from another site ({origin}) is refused"
         if not path.startswith("/api/"):
-            return None  # the page and its static files hold no secret (the loopback page's token aside)
+            return None  # the page and its static files hold no secret, on any bind
         given = headers.get(TOKEN_HEADER)
-        needed = not s.loopback or method not in SAFE_METHODS
-        if given is None and not needed:
-            return None
         if given is None:
-            return 401, ("this call needs the server's token in the X-Edge-Token header (printed when "
-                         "`edge-m2kd serve` started)")
+            return 401, ("this call needs the server's token in the X-Edge-Token header: open the URL "
+                         "`edge-m2kd serve` printed (http://.../#token=...), or use its --token-file")
         if not secrets.compare_digest(given.encode(), s.token.encode()):
             return 401, "wrong token; use the one `edge-m2kd serve` printed when it started (or its --token-file)"
         return None
 
 
-async def _reply(send: Send, status: int, detail: str) -> None:
+def _size(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+async def _read_small_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole body, or None once it passes ``limit`` (the rest is not read)."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks)  # the client left; the route sees an empty body
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # after the body: the disconnect a streaming answer listens for
+
+    return replay
+
+
+async def _reply(send: Send, status: int, detail: str, cache: bytes = b"no-store") -> None:
     body = json.dumps({"detail": detail}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"cache-control", b"no-store")]})
+                            *SECURITY_HEADERS, (b"cache-control", cache)]})
     await send({"type": "http.response.body", "body": body})

@@ -6,15 +6,19 @@
 const timings = (window.edgeTimings = {}); // read by the browser test: page load, prediction round trip
 const $ = (id) => document.getElementById(id);
 
-// -- the token: embedded by a loopback server, else brought by the user (URL #token=... or typed)
-function token() {
-  const embedded = document.querySelector('meta[name="edge-token"]').content;
-  if (embedded) return embedded;
-  const m = location.hash.match(/token=([^&]+)/);
+// -- the token: every /api/ call needs it. It comes in the URL `serve` printed (#token=..., or
+// ?token=...), is kept in this tab's session storage and dropped from the address bar (so it is
+// not in the history or a copied link), or is typed into the bar that a 401 shows.
+function takeTokenFromUrl() {
+  const m = (location.hash.slice(1) + "&" + location.search.slice(1)).match(/(?:^|&)token=([^&]+)/);
   if (m) {
     sessionStorage.setItem("edge-token", decodeURIComponent(m[1]));
-    history.replaceState(null, "", location.pathname); // keep it out of the address bar
+    history.replaceState(null, "", location.pathname);
   }
+}
+takeTokenFromUrl();
+
+function token() {
   return sessionStorage.getItem("edge-token") || "";
 }
 
@@ -149,6 +153,7 @@ function renderMemory(m) {
     ["weights (student)", m.weights],
     ...m.snapshots.map((s) => [`snapshot ${s.step}`, s.bytes]),
     ["exemplars", m.exemplars],
+    ["statistics (analytic head)", m.statistics || 0],
     ["optimizer state", m.optimizer_state],
     ["activations (predicted)", m.activations],
     ["exports (ONNX / engine)", m.exported_engine || 0],
@@ -247,7 +252,11 @@ function showJob(job) {
     const h = job.result.holdout || {};
     result.replaceChildren(el("p", { class: "ok",
       text: `Step ${job.result.step}: learned ${job.result.classes.join(", ")} from ${job.result.train_images} images in ` +
-            `${seconds(job.result.seconds)}; held-out accuracy ${pct(h.deployed_accuracy)}.` }));
+            `${seconds(job.result.seconds)}; held-out accuracy ${pct(h.deployed_accuracy)} ` +
+            `(deployed: ${job.result.deployed_classifier || "-"}).` +
+            (job.result.forward_images_per_second == null ? "" :
+              ` Forward pass ${job.result.forward_images_per_second.toFixed(0)} img/s; ` +
+              `analytic head solved in ${seconds(job.result.solve_seconds)}.`) }));
   } else result.replaceChildren();
 }
 
