@@ -33,6 +33,24 @@ def add_output_args(parser: argparse.ArgumentParser, name: str) -> None:
                         help="torch CPU threads (default: torch's choice); on a shared machine 1 can be far faster")
 
 
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    """`--device`, as the CLI's: auto (CUDA where there is one, else the CPU), cpu, cuda or cuda:N."""
+    parser.add_argument("--device", default="auto",
+                        help="auto (default: CUDA where present, else the CPU), cpu, cuda or cuda:N")
+
+
+def device_facts(device: str) -> dict[str, Any]:
+    """Where a benchmark ran: the device asked for, the one used, and its name (GPU or CPU model)."""
+    from edge_m2kd.learner import resolve_device
+
+    used = resolve_device(device)
+    if used.type == "cuda":
+        import torch
+
+        return {"asked": device, "used": str(used), "name": torch.cuda.get_device_name(used)}
+    return {"asked": device, "used": "cpu", "name": cpu_name()}
+
+
 def cpu_name() -> str:
     """The CPU model, as /proc/cpuinfo names it (else what `platform` knows). Training here is
     deterministic for one tree, order and thread count on one CPU model, but float rounding

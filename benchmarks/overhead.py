@@ -14,7 +14,9 @@ one grouped convolution) and `m2kd_naive` (each teacher as trained), so the rati
 of M2KD and what each teacher path saves. Every variant is built first, warmed up once, then
 timed in `--repeats` interleaved rounds (median), so load on a shared machine falls on all alike.
 Preparing the teachers (building, int8 calibration, the auto check) happens once per step and
-is not in these timings; `benchmarks.step_profile` shows it as `teachers.prepare`.
+is not in these timings; `benchmarks.step_profile` shows it as `teachers.prepare`. `--device`
+(default auto: CUDA where present): under CUDA, `auto` teachers run in fp16 or bf16, not int8;
+every timed run ends with a host read of its loss sums, so GPU work is inside the clock.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import (
+    add_device_arg,
     add_output_args,
+    device_facts,
     emit,
     format_table,
     log,
@@ -51,7 +55,7 @@ def _snapshot(learner: Learner, n_classes: int, seed: int, images: np.ndarray) -
     trained model's are on its data (random statistics blow activations up to logits of 50 to
     100, which no trained teacher has and which int8 then rightly refuses)."""
     torch.manual_seed(seed)
-    net = build_model(learner.cfg.model, n_classes)
+    net = build_model(learner.cfg.model, n_classes).to(learner.device)
     for m in net.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = None  # a plain average over the batches below
@@ -84,6 +88,7 @@ def prepare_step(method: str, t: int, batches: int, batch_size: int, backbone: s
     learner = Learner(cfg)
     learner.groups = [list(range(k * CLASSES_PER_STEP, (k + 1) * CLASSES_PER_STEP)) for k in range(t)]
     learner.model.add_classes(t * CLASSES_PER_STEP)
+    learner.model.to(learner.device)  # the new head's weights, where Learner.step would put them
     terms = teacher_terms(t, learner.groups, cfg.loss)
     rng = np.random.default_rng(0)
     n = batch_size * batches
@@ -109,9 +114,10 @@ def prepare_step(method: str, t: int, batches: int, batch_size: int, backbone: s
 
 
 def time_variants(t: int, batches: int, batch_size: int, backbone: str, size: int, repeats: int,
-                  variants: dict[str, tuple[str, dict]]) -> tuple[dict[str, float], dict[str, dict]]:
+                  variants: dict[str, tuple[str, dict]],
+                  device: str = TrainConfig.device) -> tuple[dict[str, float], dict[str, dict]]:
     """Median seconds per variant over `repeats` interleaved rounds, and each variant's setup info."""
-    prepared = {name: prepare_step(method, t, batches, batch_size, backbone, size, train)
+    prepared = {name: prepare_step(method, t, batches, batch_size, backbone, size, {"device": device, **train})
                 for name, (method, train) in variants.items()}
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
@@ -131,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="also time m2kd asking a random K of its teacher terms per batch (TrainConfig.teacher_subset)")
     parser.add_argument("--backbone", default="resnet32")
     parser.add_argument("--input-size", type=int, default=32)
+    add_device_arg(parser)
     add_output_args(parser, "overhead")
     args = parser.parse_args(argv)
     steps = [int(s) for s in args.steps.split(",")] if args.steps else ([2, 10] if args.quick else [2, 5, 10, 20])
@@ -142,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
             if args.teacher_subset:
                 variants["m2kd_subset"] = ("m2kd", {"teacher_subset": args.teacher_subset})
             sec, info = time_variants(t, batches, args.batch_size, args.backbone, args.input_size, args.repeats,
-                                      variants)
+                                      variants, args.device)
             icarl_flops, m2kd_flops = info["icarl_fp32"]["flops"], info["m2kd_fp32"]["flops"]
             used = info["m2kd"]["precision"]
             rows.append({"teachers": t - 1, "step": t, "icarl_seconds": sec["icarl"], "m2kd_seconds": sec["m2kd"],
@@ -166,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
             log(f"t={t}: icarl {r['icarl_seconds']:.2f}s ({r['icarl_precision']}), m2kd {r['m2kd_seconds']:.2f}s "
                 f"({r['m2kd_precision']}) x{r['ratio']:.2f}; every teacher x{r['all_ratio']:.2f}; fp32 x{r['fp32_ratio']:.2f} (FLOPs x{r['flop_ratio']:.2f}), "
                 f"stacked x{r['stacked_ratio']:.2f}, naive x{r['naive_ratio']:.2f}")
-    result = {"backbone": args.backbone, "batch_size": args.batch_size, "batches": batches, "repeats": args.repeats,
+    result = {"device": device_facts(args.device), "backbone": args.backbone, "batch_size": args.batch_size, "batches": batches, "repeats": args.repeats,
               "threads": torch.get_num_threads() if not args.threads else args.threads, "rows": rows}
     out = output_dir(args.out)
     write_json(out / "overhead.json", result)
@@ -202,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{r['icarl_fp32_seconds']:.2f}", f"{r['m2kd_fp32_seconds']:.2f}",
           f"{r['fp32_ratio']:.2f}", f"{r['flop_ratio']:.2f}", f"{r['stacked_ratio']:.2f}",
           f"{r['naive_ratio']:.2f}"] for r in rows],
-        title=f"Teacher overhead, {args.backbone}, {batches} batches of {args.batch_size}, median of {args.repeats} "
+        title=f"Teacher overhead on {result['device']['name']}, {args.backbone}, {batches} batches of {args.batch_size}, median of {args.repeats} "
               "interleaved rounds", footer=footer)
     emit(result, table, args.json)
     return result

@@ -22,7 +22,9 @@ import torch
 from PIL import Image
 
 from benchmarks.common import (
+    add_device_arg,
     add_output_args,
+    device_facts,
     emit,
     exit_on_user_error,
     format_table,
@@ -50,15 +52,17 @@ COLUMNS = [
 ]
 
 
-def cifar_subset(root: Path, per_class: int, classes: int) -> Path:
-    """A folder of `per_class` JPEGs (links) of each of the first `classes` CIFAR-10 classes."""
+def cifar_subset(root: Path, per_class: int, classes: int, data: Path | None = None, split: str = "train") -> Path:
+    """A folder of `per_class` JPEGs (links) of each of the first `classes` CIFAR-10 classes, from
+    `data` (the tarball or its unpacked folder; default benchmarks.cil's DEFAULT_DATA), its
+    `split` (train or test)."""
     from benchmarks.cil import (  # unpacks the tarball once, under a lock
         DEFAULT_CACHE,
         DEFAULT_DATA,
         cifar_root,
     )
 
-    train = cifar_root(DEFAULT_DATA, DEFAULT_CACHE) / "train"
+    train = cifar_root(data or DEFAULT_DATA, DEFAULT_CACHE) / split
     for name in sorted(p.name for p in train.iterdir() if p.is_dir())[:classes]:
         (root / name).mkdir(parents=True)
         for f in sorted((train / name).iterdir())[:per_class]:
@@ -66,8 +70,8 @@ def cifar_subset(root: Path, per_class: int, classes: int) -> Path:
     return root
 
 
-def digits_folder(root: Path, per_class: int | None) -> Path:
-    data = load_digits("train", 16)
+def digits_folder(root: Path, per_class: int | None, split: str = "train") -> Path:
+    data = load_digits(split, 16)
     for i, name in enumerate(data.class_names):
         (root / name).mkdir(parents=True)
         for j, img in enumerate(data.images[data.labels == i][:per_class]):
@@ -91,13 +95,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--memory", type=int, default=200, help="exemplars kept in all")
     parser.add_argument("--teacher-precision", choices=TEACHER_PRECISIONS, default=None,
                         help="default: the library's (auto)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="CIFAR-10: its JPEG tarball or a folder with train/ (default ../shared/data/...)")
+    add_device_arg(parser)
     add_output_args(parser, "step_profile")
     args = parser.parse_args(argv)
     per_class = args.per_class or (60 if args.smoke else 100)
     epochs = args.epochs or (2 if args.smoke else 3)
     report = args.report or [t for t in (1, 2, 5, 10) if t <= args.steps]
     model = {"backbone": "resnet20", "input_size": 16} if args.smoke else {"backbone": "resnet32", "input_size": 32}
-    train = {"epochs": epochs, "device": "cpu", **({"flip": False, "crop_pad": 2} if args.smoke else {})}
+    train = {"epochs": epochs, "device": args.device, **({"flip": False, "crop_pad": 2} if args.smoke else {})}
     if args.teacher_precision:
         train["teacher_precision"] = args.teacher_precision
     cfg = method_config(args.method, model=model, train=train,
@@ -106,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg.memory.total = args.memory
     rows = []
     with exit_on_user_error(), torch_threads(args.threads), tempfile.TemporaryDirectory() as tmp:
-        data = digits_folder(Path(tmp) / "data", per_class) if args.smoke else cifar_subset(Path(tmp) / "data", per_class, args.steps)
+        data = digits_folder(Path(tmp) / "data", per_class) if args.smoke else cifar_subset(Path(tmp) / "data", per_class, args.steps, args.data)
         classes = sorted(p.name for p in data.iterdir())[: args.steps]
         Workspace.create(Path(tmp) / "ws", cfg, {"memory_budget": None, "memory_budget_bytes": None})
         for t, name in enumerate(classes, 1):
@@ -121,7 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "train_images_per_second": entry["train_images_per_second"]})
             log(f"t={t}: {total:.1f}s ({precision.get('used')} teachers), "
                 + ", ".join(f"{k} {v:.2f}" for k, v in rows[-1]["columns"].items() if v >= 0.05))
-    result = {"benchmark": "step_profile", "smoke": args.smoke, "method": args.method, "per_class": per_class,
+    result = {"benchmark": "step_profile", "smoke": args.smoke, "device": device_facts(args.device),
+              "method": args.method, "per_class": per_class,
               "epochs": epochs, "finetune_epochs": args.finetune_epochs, "memory": args.memory,
               "threads": args.threads or torch.get_num_threads(), "config": cfg.to_dict(), "rows": rows}
     write_json(output_dir(args.out) / "step_profile.json", result)

@@ -9,6 +9,10 @@ the medians are compared, so load on a shared machine falls on all alike.
 
     python -m benchmarks.throughput            # CIFAR-10 JPEGs, 2 classes x 500 images, 2 epochs, 3 rounds
     python -m benchmarks.throughput --smoke    # digits, ResNet-20 at 16 px
+    python -m benchmarks.throughput --device cuda --backbone mobilenetv2 --input-size 96
+
+On a GPU both loops keep their images on the device beforehand and the clock stops after a
+synchronisation (the bare loop's explicitly, the learner's at the host read of each epoch's loss sums).
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import (
+    add_device_arg,
     add_output_args,
+    device_facts,
     emit,
     exit_on_user_error,
     format_table,
@@ -34,9 +40,9 @@ from benchmarks.common import (
     write_json,
 )
 from benchmarks.step_profile import cifar_subset
-from edge_m2kd.config import method_config
+from edge_m2kd.config import BACKBONE_NAMES, method_config
 from edge_m2kd.data import ImageSet, load_digits, load_image_folder
-from edge_m2kd.learner import Learner
+from edge_m2kd.learner import Learner, resolve_device
 from edge_m2kd.snapshots import build_model
 
 TARGET = 0.70
@@ -46,12 +52,15 @@ METHODS = ("icarl", "m2kd")
 def bare_loop(cfg, images: np.ndarray, labels: np.ndarray, epochs: int) -> float:  # noqa: ANN001
     """Images per second of a plain loop: model, SGD, cross-entropy, nothing else."""
     torch.manual_seed(0)
-    model = build_model(cfg.model, int(labels.max()) + 1).to(memory_format=torch.channels_last).train()
+    device = resolve_device(cfg.train.device)
+    model = build_model(cfg.model, int(labels.max()) + 1).to(device, memory_format=torch.channels_last).train()
     opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
                           weight_decay=cfg.train.weight_decay)
-    x_all = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).contiguous(memory_format=torch.channels_last)
-    y_all = torch.from_numpy(labels)
+    x_all = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div(255).contiguous(
+        memory_format=torch.channels_last)
+    y_all = torch.from_numpy(labels).to(device)
     b = cfg.train.batch_size
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(epochs):
         for i in range(0, len(images), b):
@@ -59,7 +68,14 @@ def bare_loop(cfg, images: np.ndarray, labels: np.ndarray, epochs: int) -> float
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+    synchronize(device)
     return len(images) * epochs / (time.perf_counter() - start)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so a clock read after it counts that work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def learner_step(cfg, data: ImageSet) -> float:  # noqa: ANN001
@@ -73,19 +89,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--backbone", choices=BACKBONE_NAMES, default=None, help="default resnet32 (smoke resnet20)")
+    parser.add_argument("--input-size", type=int, default=None, help="pixels (default 32; smoke 16)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="CIFAR-10: its JPEG tarball or a folder with train/ (default ../shared/data/...)")
+    add_device_arg(parser)
     add_output_args(parser, "throughput")
     args = parser.parse_args(argv)
     model = {"backbone": "resnet20", "input_size": 16} if args.smoke else {"backbone": "resnet32", "input_size": 32}
-    train = {"epochs": args.epochs, "batch_size": args.batch_size, "device": "cpu"}
+    model.update({k: v for k, v in (("backbone", args.backbone), ("input_size", args.input_size)) if v})
+    train = {"epochs": args.epochs, "batch_size": args.batch_size, "device": args.device}
     cfgs = {m: method_config(m, model=model, train=train, snapshots={"prune_finetune_epochs": 0}) for m in METHODS}
     with exit_on_user_error(), torch_threads(args.threads):
         if args.smoke:
-            data = load_digits("train", 16).only_classes(["0", "1"])
+            data = load_digits("train", model["input_size"]).only_classes(["0", "1"])
             if args.per_class:
                 data = ImageSet(data.images[: 2 * args.per_class], data.labels[: 2 * args.per_class], data.class_names)
         else:
             with tempfile.TemporaryDirectory() as tmp:
-                data = load_image_folder(cifar_subset(Path(tmp), args.per_class or 500, 2), 32)
+                data = load_image_folder(cifar_subset(Path(tmp), args.per_class or 500, 2, args.data),
+                                         model["input_size"])
         ips: dict[str, list[float]] = {"bare": [], **{m: [] for m in METHODS}}
         bare_loop(cfgs["icarl"], data.images[: 2 * args.batch_size], data.labels[: 2 * args.batch_size], 1)  # warm-up
         for r in range(args.rounds):
@@ -96,7 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
     med = {k: statistics.median(v) for k, v in ips.items()}
     rows = [{"loop": k, "images_per_second": med[k], "rounds": ips[k], "ratio_to_bare": med[k] / med["bare"]}
             for k in ips]
-    result = {"benchmark": "throughput", "smoke": args.smoke, "images": len(data.images), "epochs": args.epochs,
+    result = {"benchmark": "throughput", "smoke": args.smoke, "device": device_facts(args.device),
+              "images": len(data.images), "epochs": args.epochs,
               "batch_size": args.batch_size, "backbone": model["backbone"], "input_size": model["input_size"],
               "threads": args.threads or torch.get_num_threads(), "target_ratio": TARGET, "rows": rows}
     write_json(output_dir(args.out) / "throughput.json", result)
@@ -105,7 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
         ["loop", "images/s (median)", "per round", "ratio to bare"],
         [[r["loop"], f"{r['images_per_second']:.1f}", " ".join(f"{v:.0f}" for v in r["rounds"]),
           f"{r['ratio_to_bare']:.2f}"] for r in rows],
-        title=f"Training throughput, {model['backbone']} at {model['input_size']} px, batch {args.batch_size}, "
+        title=f"Training throughput on {result['device']['name']}, {model['backbone']} at {model['input_size']} px, "
+              f"batch {args.batch_size}, "
               f"{len(data.images)} images x {args.epochs} epochs, {args.rounds} interleaved rounds",
         footer=[f"target: learner >= {TARGET:.0%} of the bare loop: worst {worst:.0%} -> "
                 f"{'met' if worst >= TARGET else 'NOT met'}",

@@ -232,9 +232,9 @@ class TorchPredictor(_Base):
 
     @classmethod
     def from_workspace(cls, ws: str | Path, *, max_batch: int = DEFAULT_MAX_BATCH, device: str = "auto") -> TorchPredictor:
-        from edge_m2kd.workspace import Workspace
+        from edge_m2kd.commands import open_for_reading
 
-        learner = Workspace.open(ws).load_learner()
+        _, learner = open_for_reading(ws)
         if learner.steps_done == 0:
             raise UserError(f"{ws} has learned no classes yet; run `edge-m2kd add-classes` first")
         return cls(learner.deployed(), learner.class_names, learner.cfg.model.input_size, max_batch=max_batch,

@@ -3,6 +3,7 @@ JSON-serialisable dict. The CLI only parses arguments and prints these dicts."""
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from contextlib import AbstractContextManager, nullcontext
@@ -102,9 +103,59 @@ def record_pretrained(cfg: LearnerConfig) -> dict[str, str]:
     return {"source": weights.source, "sha256": weights.sha256}
 
 
-def _open(path: str | Path) -> tuple[Workspace, Learner]:
+# -- reading a workspace (eval, memory, snapshots, export, predict, bench) -----------------------
+def _absent_device(device: str) -> bool:
+    """True where a config's device is a CUDA device this machine does not have."""
+    if not device.startswith("cuda"):
+        return False
+    import torch
+
+    if not torch.cuda.is_available():
+        return True
+    index = device.partition(":")[2]
+    return index.isdigit() and int(index) >= torch.cuda.device_count()
+
+
+_NOTED: set[str] = set()
+
+
+class _ReadOn(Workspace):
+    """The same workspace, read with its configured device replaced in memory: nothing is written."""
+
+    def __init__(self, ws: Workspace, device: str) -> None:
+        super().__init__(ws.path, ws.manifest)
+        self._device = device
+
+    @property
+    def config(self) -> LearnerConfig:
+        cfg = super().config
+        cfg.train.device = self._device
+        return cfg
+
+
+def load_for_reading(ws: Workspace) -> Learner:
+    """The learner of a workspace a command reads (or exports). Where the device its config names
+    is not on this machine (a workspace made on a board, read on a laptop), it is read on the CPU,
+    with one line on stderr saying so. Only training (`add-classes`) refuses an absent device."""
+    configured = ws.config.train.device
+    if not _absent_device(configured):
+        return ws.load_learner()
+    if (key := f"{Path(ws.path).resolve()} {configured}") not in _NOTED:  # once a process (bench opens it twice)
+        _NOTED.add(key)
+        print(f"note: {ws.path} is set up for device {configured}, which this machine does not have; "
+              "reading it on the CPU", file=sys.stderr, flush=True)
+    reader = _ReadOn(ws, "cpu")
+    learner = reader.load_learner()
+    ws.manifest = reader.manifest  # the step it read, should a writer have committed one meanwhile
+    return learner
+
+
+def open_for_reading(path: str | Path) -> tuple[Workspace, Learner]:
     ws = Workspace.open(path)
-    return ws, ws.load_learner()
+    return ws, load_for_reading(ws)
+
+
+_open = open_for_reading
 
 
 # -- add-classes ------------------------------------------------------------------------------

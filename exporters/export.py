@@ -191,11 +191,14 @@ def export_workspace(
         check_precision(require_tensorrt(), precision)
         prepare_output(tensorrt_path, "TensorRT engine")
 
-    from edge_m2kd.workspace import Workspace  # the workspace pulls in the learner: only when used
+    # The workspace pulls in the learner: only when used.
+    from edge_m2kd.commands import load_for_reading
+    from edge_m2kd.workspace import Workspace
 
-    # Export writes WS/exports and the engine cache: it is a writer, one at a time.
+    # Export writes WS/exports and the engine cache: it is a writer, one at a time. It reads the
+    # learner as a reader does (on the CPU where the workspace's device is absent).
     with Workspace.writing(ws_path, "export", wait) as ws:
-        learner = ws.load_learner()
+        learner = load_for_reading(ws)
         if learner.steps_done == 0:
             raise UserError(f"{ws_path} has learned no classes yet, so there is nothing to export; "
                             "run `edge-m2kd add-classes` first")
