@@ -47,6 +47,7 @@ COLUMNS = [
     ("prune+finetune", ["step.consolidate", "step.finetune.augment", "step.finetune.student",
                         "step.finetune.teachers"]),
     ("herding", ["step.herding"]), ("bias+means", ["step.bias_correction", "step.class_means"]),
+    ("features+solve", ["step.features", "step.solve"]),  # the analytic head's forward pass and solve
     ("snapshot commit", ["step.commit"]), ("evaluation", ["evaluation"]), ("ws commit", ["workspace_commit"]),
     ("other", ["other", "step.other"]),
 ]
