@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 
+from benchmarks.step_profile import digits_folder
 from edge_m2kd import commands
 from edge_m2kd.cli import main
-from edge_m2kd.data import load_digits
 from edge_m2kd.workspace import Workspace
 
 INIT = ["--backbone", "resnet20", "--input-size", "16", "--exemplars", "20", "--epochs", "1", "--batch-size", "32",
@@ -34,13 +33,7 @@ def cli(*args: object) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("digits")
-    for split, per_class in (("train", 20), ("test", 5)):
-        data = load_digits(split, size=16)
-        for c, name in enumerate(data.class_names[:3]):
-            (root / split / name).mkdir(parents=True)
-            for i, img in enumerate(data.images[data.labels == c][:per_class]):
-                Image.fromarray(img).save(root / split / name / f"{i:03d}.png")
-    return {"train": root / "train", "test": root / "test"}
+    return {"train": digits_folder(root / "train", 20), "test": digits_folder(root / "test", 5, split="test")}
 
 
 def set_device(ws: Path, device: str) -> None:
@@ -94,7 +87,7 @@ def test_reading_commands_answer_on_the_cpu_with_one_note(board_ws, folders, no_
     if args[0] == "export":
         assert report["parity"]["passed"] is True and Path(report["onnx"]).is_file()
     if args[0] == "eval":
-        assert report["samples"] == 10
+        assert report["samples"] == 10  # the two classes it knows, 5 images each
     if args[0] == "predict":
         assert report["device"] == "cpu"
 
