@@ -50,6 +50,7 @@ from benchmarks.common import (
 from edge_m2kd.config import (
     CLASSIFIERS,
     METHODS,
+    OLD_STATISTICS,
     PRETRAINED_DEFAULTS,
     SECTIONS,
     TEACHER_PRECISIONS,
@@ -130,7 +131,7 @@ SCHEDULES = {
                                backbone_lr_scale=_PRE["backbone_lr_scale"], test_per_class=200,
                                classifier=_PRE["classifier"]),
 }
-PRETRAINED_METHODS = ("ncm-frozen", "finetune", "icarl", "m2kd-full", "m2kd-packed", "joint")
+PRETRAINED_METHODS = ("ncm-frozen", "analytic-frozen", "finetune", "icarl", "m2kd-full", "m2kd-packed", "joint")
 
 
 # ----------------------------------------------------------------------------- data
@@ -356,6 +357,8 @@ def run_method(name: str, cfg: LearnerConfig, memory: int, train: ImageSet, test
                steps: list[list[str]], seed: int, order_seed: int) -> dict[str, Any]:
     seed_everything(seed)  # the same initial weights for every method
     learner = Learner(cfg)
+    # Every way of treating a trained backbone's old classes in the analytic head, from one run.
+    learner.compare_old_statistics = True
     teachers: list[list[int]] = []
 
     def on_step(learner: Learner, report: Any, ev: Any) -> None:
@@ -380,6 +383,10 @@ def run_method(name: str, cfg: LearnerConfig, memory: int, train: ImageSet, test
         "forgetting": result["forgetting"],
         "nme_final_accuracy": result["nme_final_accuracy"],
         "cnn_final_accuracy": result["cnn_final_accuracy"],
+        "analytic_final_accuracy": result["analytic_final_accuracy"],
+        "analytic_variants_final": result["steps"][-1]["analytic_variants"],
+        "deployed_classifier": result["deployed_classifier"],
+        "analytic_accuracy_per_step": [s["analytic_accuracy"] for s in result["steps"]],
         "bytes_per_snapshot": per_snapshot,
         "full_copy_bytes": full_copy,
         "snapshot_ratio": per_snapshot / full_copy,
@@ -423,9 +430,12 @@ def aggregate(rows: list[dict[str, Any]], memory: int) -> dict[str, dict[str, An
         mine = [r for r in rows if r["memory"] == memory and r["method"] == name]
         agg: dict[str, Any] = {"orders": [order_of(r) for r in mine], "snapshots": mine[0]["snapshots"]}
         for key in ("final_accuracy", "average_incremental_accuracy", "forgetting", "nme_final_accuracy",
-                    "snapshot_ratio", "bytes_per_snapshot", "seconds"):
+                    "cnn_final_accuracy", "analytic_final_accuracy", "snapshot_ratio", "bytes_per_snapshot", "seconds"):
             values = [r[key] for r in mine if r.get(key) is not None]
             agg[key] = mean_std(values) if values else None
+        for mode in OLD_STATISTICS:
+            values = [v for r in mine if (v := (r.get("analytic_variants_final") or {}).get(mode)) is not None]
+            agg[f"analytic_{mode}"] = mean_std(values) if values else None
         out[name] = agg
     return out
 
@@ -504,6 +514,15 @@ def summary_tables(result: dict[str, Any], memory: int) -> list[str]:
              f"{a['seconds'][0]:.0f}"] for name, a in agg.items()]
     header = ["method", "snapshots", "orders", "final", "avg inc", "forgetting", "NME final", "of full", "seconds"]
     tables = [format_table(header, body, title=f"{result['title']}, memory {memory}: mean ± std over class orders")]
+    n = {name: len(a["orders"]) for name, a in agg.items()}
+    body = [[name, ", ".join(sorted({r.get("deployed_classifier") or "-" for r in rows
+                                     if r["method"] == name and r["memory"] == memory})),
+             _pm(a["cnn_final_accuracy"], n[name]), _pm(a["nme_final_accuracy"], n[name]),
+             *(_pm(a[f"analytic_{mode}"], n[name]) for mode in OLD_STATISTICS)] for name, a in agg.items()]
+    tables.append(format_table(["final accuracy by classifier", "deployed", "cnn", "nme",
+                                *(f"analytic ({mode})" for mode in OLD_STATISTICS)], body,
+                               title="Every head of the same runs (analytic: old classes' statistics kept as summed, "
+                                     "recomputed from the exemplars, or blended; one on a frozen backbone)"))
     diffs = [d for name in agg if name != "icarl" and (d := paired_difference(rows, memory, name, "icarl"))]
     if diffs:
         body = [[f"{d['a']} - icarl", " ".join(f"{x:+.1f}" for x in d["differences"]), f"{d['mean']:+.1f}",

@@ -15,7 +15,9 @@ import click
 from edge_m2kd.config import (
     BACKBONE_NAMES,
     CLASSIFIERS,
+    DEFAULT_INPUT_SIZE,
     DEVICES,
+    FROZEN_PRETRAINED_INPUT_SIZE,
     METHODS,
     PRETRAINED_DEFAULTS,
     SNAPSHOT_POLICIES,
@@ -119,8 +121,11 @@ wait_option = click.option("--wait", is_flag=True,
                    f"{PRETRAINED_DEFAULTS['train']['backbone_lr_scale']} when pretrained, else 1)")
 @click.option("--lr", default=None, type=click.FloatRange(0, min_open=True),
               help=f"learning rate of the heads (default {PRETRAINED_DEFAULTS['train']['lr']} when pretrained, else 0.1)")
-@click.option("--input-size", default=32, show_default=True, type=click.IntRange(8, 1024))
-@click.option("--snapshots", "policy", default="packed", show_default=True, type=POLICY)
+@click.option("--input-size", default=None, type=click.IntRange(8, 1024),
+              help=f"pixels a side (default {DEFAULT_INPUT_SIZE}; {FROZEN_PRETRAINED_INPUT_SIZE} for a pretrained "
+                   "backbone that stays frozen: a forward pass is all it costs)")
+@click.option("--snapshots", "policy", default=None, type=POLICY,
+              help="snapshot policy (default: the method's own; packed for m2kd)")
 @click.option("--exemplars", default=2000, show_default=True, type=click.IntRange(0), help="exemplar images kept in all")
 @click.option("--method", default="m2kd", show_default=True, type=METHOD)
 @click.option("--memory-budget", default=None, help="a size (2GiB, 512MB) or a board: orin-nano-4gb, orin-nano-8gb, "
@@ -160,6 +165,8 @@ def init(ws: Path, backbone, pretrained, frozen_stages, backbone_lr_scale, lr, i
     else:
         budget = out["memory_budget_bytes"]
         start = f", from {out['pretrained']['source']}" if pretrained else ""
+        policy = out["config"]["snapshots"]["policy"]
+        input_size = out["config"]["model"]["input_size"]
         click.echo(f"created workspace {ws}: {method}, {backbone} at {input_size}px{start}, {policy} snapshots, "
                    f"{exemplars} exemplars" + (f", budget {_mib(budget).strip()}" if budget else ""))
 
@@ -220,10 +227,13 @@ def add_classes(ws: Path, data: Path, classes, epochs, batch_size, on_corrupt, s
     h = entry["holdout"]
     groups = " ".join(f"{100 * a:.1f}" for a in h.get("accuracy_per_group", []))
     mem = entry["memory"]
+    trained = f" ({entry['images_per_second']:.0f} img/s)" if entry["epochs"] else ", no training"
     click.echo(f"step {entry['step']}: learned {', '.join(entry['classes'])} from {entry['train_images']} images "
-               f"in {entry['seconds']:.1f}s ({entry['images_per_second']:.0f} img/s)")
+               f"in {entry['seconds']:.1f}s{trained}")
     click.echo(f"  held-out accuracy {100 * h.get('deployed_accuracy', float('nan')):.1f}% "
-               f"(per group: {groups}); bytes added {entry['bytes_added']:,}")
+               f"(per group: {groups}), deployed {entry['deployed_classifier']}; bytes added {entry['bytes_added']:,}")
+    click.echo(f"  forward pass {entry['forward_images_per_second']:.0f} img/s over the new images; "
+               f"analytic head solved in {entry['solve_seconds']:.2f}s")
     # Per term, so a user can see that every distillation term is at work (a one-class group's too).
     terms = ", ".join(f"{k} {v:.4f}" for k, v in entry["losses"].items())
     click.echo(f"  loss per term, mean over the last epoch: {terms or 'no training'}")
@@ -322,6 +332,7 @@ def memory(ws: Path, budget: str | None, new_images: int | None, as_json: bool) 
         click.echo(f"{'snapshot ' + str(s['step']):<34}{_kib(s['bytes'])}   ({parts})")
     click.echo(f"{'snapshots, all':<34}{_kib(out['snapshots_total'])}")
     click.echo(f"{'exemplars (uint8)':<34}{_kib(out['exemplars'])}")
+    click.echo(f"{'statistics (analytic head)':<34}{_kib(out['statistics'])}")
     click.echo(f"{'exported engine / ONNX':<34}{_kib(out['exported_engine'])}")
     click.echo(f"{'stored, total':<34}{_kib(out['stored_total'])}")
     nxt = out["next_step"]
@@ -359,6 +370,14 @@ def snapshots(ws: Path, verify: bool, as_json: bool) -> None:
                        f"({100 * r['bytes'] / r['full_copy_bytes']:.1f}% of a full copy)  {state}")
         if out["free_fraction"] is not None:
             click.echo(f"free weights left for later steps: {100 * out['free_fraction']:.1f}%")
+        st = out["statistics"]
+        if st is not None:
+            state = {True: "verified", False: "FAILED", None: "not checked"}[st["verified"]]
+            click.echo(f"statistics: {st['classes']} classes, {st['images']:,} images, {st['bytes']:>10,} bytes  {state}")
+    st = out["statistics"]
+    if verify and st is not None and st["verified"] is False:
+        raise UserError("the analytic head's statistics do not match the checksum recorded at commit, or no longer "
+                        "give the stored head: they are damaged; restore the workspace from a backup")
     failed = [r for r in out["snapshots"] if verify and not r["verified"]]
     if failed:
         worst = max(r["max_abs_diff"] for r in failed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+import unicodedata
 import warnings
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -14,13 +15,20 @@ import numpy as np
 
 from device.probes import board_memory
 from edge_m2kd import distributed, faults
-from edge_m2kd.classnames import check_class_name
-from edge_m2kd.config import PRETRAINED_DEFAULTS, LearnerConfig, method_config
-from edge_m2kd.data import train_val_split
+from edge_m2kd.classnames import check_new_class_name
+from edge_m2kd.config import (
+    DEFAULT_INPUT_SIZE,
+    FROZEN_PRETRAINED_INPUT_SIZE,
+    METHODS,
+    PRETRAINED_DEFAULTS,
+    LearnerConfig,
+    method_config,
+)
 from edge_m2kd.data.sources import ImageSet, load_source, source_classes
 from edge_m2kd.errors import UserError
 from edge_m2kd.evaluation import evaluate
 from edge_m2kd.files import EXPORTS
+from edge_m2kd.heads import solve_analytic
 from edge_m2kd.learner import Learner, Progress
 from edge_m2kd.memory import (
     PREDICTION_MARGIN,
@@ -34,7 +42,7 @@ from edge_m2kd.memory import (
 )
 from edge_m2kd.models.pretrained import check_fits, fetch_pretrained
 from edge_m2kd.phases import PhaseTimer
-from edge_m2kd.protocol import HOLDOUT_FRACTION, holdout_arrays, kept_holdout
+from edge_m2kd.protocol import HOLDOUT_FRACTION, hold_out, holdout_arrays, kept_holdout
 from edge_m2kd.snapshots import build_model
 from edge_m2kd.teacher_precision import check_precision
 from edge_m2kd.workspace import Workspace
@@ -44,8 +52,8 @@ from edge_m2kd.workspace import Workspace
 def init_workspace(
     path: str | Path,
     backbone: str = "resnet32",
-    input_size: int = 32,
-    policy: str = "packed",
+    input_size: int | None = None,
+    policy: str | None = None,
     exemplars: int = 2000,
     method: str = "m2kd",
     budget: str | None = None,
@@ -68,6 +76,9 @@ def init_workspace(
     given = {"epochs": epochs, "frozen_stages": frozen_stages, "backbone_lr_scale": backbone_lr_scale, "lr": lr,
              "classifier": classifier, "teacher_subset": teacher_subset}
     given = {k: v for k, v in given.items() if v is not None}  # what the user chose; the rest are defaults
+    if input_size is None:
+        frozen = METHODS[method].get("model", {}).get("frozen_stages") == -1
+        input_size = FROZEN_PRETRAINED_INPUT_SIZE if pretrained and frozen else DEFAULT_INPUT_SIZE
     cfg = method_config(
         method,
         defaults=PRETRAINED_DEFAULTS if pretrained else None,
@@ -78,7 +89,8 @@ def init_workspace(
         train={"device": device, "batch_size": batch_size, "flip": flip, "crop_pad": max(1, input_size // 8),
                "teacher_precision": check_precision(teacher_precision),
                **{k: v for k, v in given.items() if k != "frozen_stages"}},
-        snapshots={"policy": policy, "planned_steps": planned_steps},
+        # No policy given: the method's own (METHODS), packed where it names none.
+        snapshots={"planned_steps": planned_steps, **({"policy": policy} if policy else {})},
     )
     if cfg.memory.total:
         cfg.memory.total = exemplars
@@ -246,12 +258,15 @@ def _add_classes(ws: Workspace, data: Path, classes: list[str] | None, epochs: i
         learner = ws.load_learner()
     available = source_classes(data)
     if classes is None:
-        classes = [c for c in available if c not in learner.class_names]
+        classes = [c for c in available if unicodedata.normalize("NFC", c) not in learner.class_names]
         if not classes:
             raise UserError(f"every class in {str(data)!r} is already known ({', '.join(available)}); add folders of new classes")
+    # The rule `serve` applies to a typed name, for folder names too: stored in NFC (a folder may
+    # be named in NFD, as macOS writes them), refused next to a look-alike of a known class.
+    nfc: dict[str, str] = {}
     for name in classes:
-        check_class_name(name)  # the rule `serve` applies to a typed name, for folder names too
-    learner.refuse_known_or_repeated(classes)  # before reading a single image
+        nfc[name] = check_new_class_name(name, [*learner.class_names, *nfc.values()])
+    learner.refuse_known_or_repeated(list(nfc.values()))  # before reading a single image
     learner.memory.refuse_too_small(len(learner.class_names) + len(classes))
     cfg = learner.cfg
     if epochs is not None:
@@ -263,7 +278,9 @@ def _add_classes(ws: Workspace, data: Path, classes: list[str] | None, epochs: i
     cfg.train.sync_batchnorm = sync_batchnorm
     with timer("decode"):  # read, decode and resize the images
         images = load_source(data, cfg.model.input_size, classes, "train", on_corrupt)
-        train, held_out = train_val_split(images, HOLDOUT_FRACTION, cfg.train.seed)
+        images = ImageSet(images.images, images.labels, [nfc.get(n, n) for n in images.class_names])
+        classes = [nfc[n] for n in classes]
+        train, held_out = hold_out(images, cfg.train.seed)
         del images  # the split holds every image; keep one copy, not two, through the step
     t = learner.steps_done + 1
     with timer("budget_check"):
@@ -278,7 +295,8 @@ def _add_classes(ws: Workspace, data: Path, classes: list[str] | None, epochs: i
     entry = {
         "step": t,
         "classes": classes,
-        "train_images": report.train_images,
+        "train_images": report.train_images,  # the new classes' images and the exemplars
+        "new_images": len(train),
         "epochs": cfg.train.epochs,
         "batch_size": cfg.train.batch_size,
         "seconds": report.seconds,
@@ -291,6 +309,12 @@ def _add_classes(ws: Workspace, data: Path, classes: list[str] | None, epochs: i
         "memory": {"predicted_peak": predicted, "measured_peak_rss": sampler.peak_rss_bytes,
                    "measured_peak_cuda": sampler.peak_cuda_bytes},
         "free_fraction": getattr(learner.store, "free_fraction", lambda: None)(),
+        # What learning without backprop costs: the one forward pass over the new images (shared by
+        # herding and the analytic head's sums), and solving the head.
+        "forward_images_per_second": len(train) / max(report.phase_seconds.get("features", 0.0), 1e-9),
+        "solve_seconds": report.phase_seconds.get("solve", 0.0),
+        "deployed_classifier": learner.deployed_head,
+        "analytic": _analytic_summary(learner),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     rank, world_size = distributed.world()
@@ -312,6 +336,12 @@ def _add_classes(ws: Workspace, data: Path, classes: list[str] | None, epochs: i
     entry["phase_seconds"]["other"] = max(0.0, time.perf_counter() - start - sum(entry["phase_seconds"].values()))
     distributed.barrier()  # no rank goes on (or exits) before the commit is whole
     return entry
+
+
+def _analytic_summary(learner: Learner) -> dict[str, Any] | None:
+    fit = learner.analytic
+    return None if fit is None else {"solver": fit.solver, "regularisation": fit.regularisation,
+                                     "held_out_accuracy": fit.held_out_accuracy}
 
 
 def _holdout(ws: Workspace, learner: Learner, held_out: ImageSet) -> dict[int, np.ndarray]:
@@ -364,13 +394,37 @@ def snapshot_report(path: str | Path, verify: bool = False) -> dict[str, Any]:
             "max_abs_diff": (checks[b.step].max_abs_diff if verify else None),
         })
     free = learner.store.free_fraction() if hasattr(learner.store, "free_fraction") else None
-    return {"policy": learner.store.policy, "snapshots": rows, "free_fraction": free,
-            "all_verified": all(r["verified"] for r in rows) if verify else None}
+    stats = statistics_report(ws, learner, verify)
+    verified = [r["verified"] for r in rows] + ([stats["verified"]] if stats else [])
+    return {"policy": learner.store.policy, "snapshots": rows, "free_fraction": free, "statistics": stats,
+            "all_verified": all(verified) if verify else None}
+
+
+def statistics_report(ws: Workspace, learner: Learner, verify: bool = False) -> dict[str, Any] | None:
+    """The analytic head's statistics: their bytes and, with `verify`, whether they match the
+    checksum recorded at commit and, where the head is a function of them alone (the old classes'
+    sums kept as summed, the default), whether solving them again gives the stored head."""
+    stats = learner.stats
+    if stats is None:
+        return None  # a workspace saved before the statistics, until its next step
+    out: dict[str, Any] = {"bytes": stats.nbytes, "classes": stats.num_classes, "images": int(stats.counts.sum()),
+                           "verified": None, "max_abs_diff": None}
+    if not verify:
+        return out
+    recorded = ws.manifest.get("heads", {}).get("statistics_sha256")
+    out["verified"] = recorded == stats.checksum()
+    fit = learner.analytic
+    if out["verified"] and fit is not None and learner.cfg.train.analytic_old_statistics == "keep":
+        again = solve_analytic(stats, fit.solver, grid=(fit.regularisation,))
+        assert again is not None
+        out["max_abs_diff"] = float((again.weight - fit.weight).abs().max().item())
+        out["verified"] = out["max_abs_diff"] <= 1e-5 * max(1.0, float(fit.weight.abs().max()))
+    return out
 
 
 def snapshot_summary(report: dict[str, Any]) -> dict[str, Any]:
     """What `snapshots --json` prints (and `serve` answers): the report less each snapshot's parts."""
-    return {k: report[k] for k in ("policy", "free_fraction", "all_verified")} | {
+    return {k: report[k] for k in ("policy", "free_fraction", "all_verified", "statistics")} | {
         "snapshots": [{k: r[k] for k in ("step", "classes", "bytes", "full_copy_bytes", "verified", "max_abs_diff")}
                       for r in report["snapshots"]]}
 
@@ -391,6 +445,9 @@ def memory_report(path: str | Path, budget: str | None = None, new_images: int |
         "snapshots": [{"step": s.step, "bytes": s.bytes, **s.parts} for s in snapshots],
         "snapshots_total": sum(s.bytes for s in snapshots),
         "exemplars": learner.memory.nbytes,
+        # The analytic head's sums (float64) and its solved layer, a part of every generation.
+        "statistics": (learner.stats.nbytes if learner.stats is not None else 0)
+        + (tensor_bytes([learner.analytic.weight, learner.analytic.bias]) if learner.analytic is not None else 0),
         "optimizer_state": peak["optimizer_state"],
         "activations": peak["activations"],
         "exported_engine": _export_bytes(ws.path),
@@ -398,7 +455,8 @@ def memory_report(path: str | Path, budget: str | None = None, new_images: int |
         "budget": budget_bytes,
         "board": board_memory(),  # None off a Jetson
     }
-    report["stored_total"] = weights + report["snapshots_total"] + report["exemplars"] + (report["exported_engine"] or 0)
+    report["stored_total"] = (weights + report["snapshots_total"] + report["exemplars"] + report["statistics"]
+                              + (report["exported_engine"] or 0))
     if budget_bytes is not None:
         report["fits"] = peak["with_margin"] <= budget_bytes
         report["next_step"]["largest_batch_size"] = largest_batch_that_fits(

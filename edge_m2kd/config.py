@@ -17,8 +17,17 @@ DEVICES = ("auto", "cpu", "cuda")
 Backbone = Literal["resnet20", "resnet32", "resnet18", "mobilenetv2"]  # models/backbones.py builds them
 BACKBONE_NAMES: tuple[str, ...] = get_args(Backbone)
 BiasCorrection = Literal["weight_aligning", "balanced_finetune", "none"]
-Classifier = Literal["cnn", "nme", "auto"]
+# The deployed classifier (heads.py): the corrected head, NME, the closed-form head over every
+# image's statistics, or "auto": chosen on held-out images after each step.
+Classifier = Literal["cnn", "nme", "analytic", "auto"]
 CLASSIFIERS: tuple[str, ...] = get_args(Classifier)
+AnalyticSolver = Literal["ridge", "lda"]
+ANALYTIC_SOLVERS: tuple[str, ...] = get_args(AnalyticSolver)
+# How a trained backbone's old classes enter the analytic head, whose statistics were summed
+# under the backbone of their own step: "keep" them as summed, "recompute" them from the
+# exemplars under today's backbone, or "blend" (today's exemplar means, the summed spread).
+OldStatistics = Literal["keep", "recompute", "blend"]
+OLD_STATISTICS: tuple[str, ...] = get_args(OldStatistics)
 FreeRestart = Literal["small_random", "pretrained"]
 
 # Per-channel statistics of natural RGB images (ImageNet); folded into exported models.
@@ -116,6 +125,11 @@ class TrainConfig:
     # trained on (chosen after each step). "auto" by default: NME beat the corrected head in 17 of
     # 18 validation runs (one-class: all six, by 3 to 8 points; five steps of two: 11 of 12).
     classifier: Classifier = "auto"
+    # The analytic head (heads.py): ridge regression onto the classes or shrinkage LDA, over
+    # L2-normalised features. Ridge by validation (docs/benchmarks.md, "The closed-form head"):
+    # 72.6 against LDA's 72.5 at 96 px, 78.0 against 77.7 at 160 px, frozen MobileNetV2.
+    analytic_solver: AnalyticSolver = "ridge"
+    analytic_old_statistics: OldStatistics = "keep"
 
 
 @dataclass
@@ -189,6 +203,14 @@ PRETRAINED_DEFAULTS: dict[str, dict[str, Any]] = {
     "snapshots": {"free_restart": "pretrained"},
 }
 
+# The input size of a frozen pretrained backbone when none is given (init --pretrained with a
+# method that trains nothing): it costs a forward pass only, so it can read larger images. The
+# size with the best validation accuracy, frozen MobileNetV2, closed-form head, CIFAR-10 (32 px
+# images upsampled; docs/benchmarks.md, "The closed-form head"): 96 px 72.6, 160 px 78.0,
+# 224 px 75.2. Other trained methods keep the 32 px default (96 px in the README's examples).
+FROZEN_PRETRAINED_INPUT_SIZE = 160
+DEFAULT_INPUT_SIZE = 32
+
 NO_DISTILLATION = dict(multi_model=False, multi_level=False, last_model_all_old=False)
 LAST_MODEL_ONLY = dict(multi_model=False, multi_level=False, last_model_all_old=True, distill_weight="fixed")
 SECTIONS = ("model", "loss", "train", "memory", "snapshots")
@@ -209,6 +231,11 @@ METHODS: dict[str, dict[str, dict[str, Any]]] = {
     "ncm-frozen": {"model": {"frozen_stages": -1}, "loss": {**NO_DISTILLATION, "aux_heads": False},
                    "train": {"epochs": 0, "classifier": "nme", "bias_correction": "none"},
                    "snapshots": {"policy": "full"}},
+    # Learning without backprop: the frozen features, the closed-form head solved from every
+    # image's statistics, NME where held-out images say it is better (few images per class).
+    "analytic-frozen": {"model": {"frozen_stages": -1}, "loss": {**NO_DISTILLATION, "aux_heads": False},
+                        "train": {"epochs": 0, "classifier": "auto", "bias_correction": "none"},
+                        "snapshots": {"policy": "full"}},
 }
 
 

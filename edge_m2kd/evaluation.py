@@ -9,6 +9,7 @@ import numpy as np
 
 from edge_m2kd.data.sources import ImageSet
 from edge_m2kd.errors import UserError
+from edge_m2kd.heads import linear_scores
 
 
 @dataclass
@@ -18,6 +19,11 @@ class Evaluation:
     deployed_accuracy: float  # the classifier the workspace deploys
     accuracy_per_group: list[float]  # deployed classifier, one entry per step's group
     samples: int
+    analytic_accuracy: float | None = None  # the closed-form head (heads.py)
+    deployed_classifier: str = "cnn"  # a heads.HEADS name
+    # A benchmark's comparison (Learner.compare_old_statistics): the analytic head per way of
+    # treating a trained backbone's old classes.
+    analytic_variants: dict[str, float | None] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -46,16 +52,24 @@ def to_learner_labels(data: ImageSet, class_names: list[str]) -> tuple[np.ndarra
 
 def evaluate(learner, data: ImageSet) -> Evaluation:
     images, labels = to_learner_labels(data, learner.class_names)
-    logits, nme = learner.scores(images)
-    cnn_pred = logits.argmax(1).numpy()
-    nme_pred = nme.argmax(1).numpy() if nme is not None else None
-    deployed = nme_pred if learner.uses_nme and nme_pred is not None else cnn_pred
+    scores = learner.scores(images)
+    right = {name: s.argmax(1).numpy() == labels for name, s in scores.items()}
+    accuracy = {name: float(r.mean()) for name, r in right.items()}
+    name = learner.deployed_head
+    variants = None
+    if len(learner.analytic_variants) > 1:
+        feats = learner.normalized_features(images).cpu()
+        variants = {mode: None if fit is None else float((linear_scores(feats, fit.linear()).argmax(1).numpy() == labels).mean())
+                    for mode, fit in learner.analytic_variants.items()}
     return Evaluation(
-        accuracy=float((cnn_pred == labels).mean()),
-        nme_accuracy=None if nme_pred is None else float((nme_pred == labels).mean()),
-        deployed_accuracy=float((deployed == labels).mean()),
-        accuracy_per_group=group_accuracy(deployed, labels, learner.groups),
+        accuracy=accuracy["cnn"],
+        nme_accuracy=accuracy.get("nme"),
+        deployed_accuracy=accuracy[name],
+        accuracy_per_group=group_accuracy(scores[name].argmax(1).numpy(), labels, learner.groups),
         samples=len(labels),
+        analytic_accuracy=accuracy.get("analytic"),
+        deployed_classifier=name,
+        analytic_variants=variants,
     )
 
 

@@ -5,7 +5,7 @@ arrive is a truncation that keeps the best-ranked images (Rebuffi et al. 2017)."
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -13,8 +13,6 @@ import torch.nn.functional as F
 
 from edge_m2kd.config import MemoryConfig
 from edge_m2kd.errors import UserError
-
-Embed = Callable[[np.ndarray], torch.Tensor]  # uint8 NHWC images -> features (N, D)
 
 
 def class_arrays(per_class: dict[int, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -46,6 +44,15 @@ def herding(features: torch.Tensor, m: int) -> list[int]:
     return chosen
 
 
+def class_means(features: Mapping[int, torch.Tensor], n_classes: int) -> torch.Tensor | None:
+    """Normalised mean of the normalised exemplar features of each class (NME), or None when
+    some class has no exemplars (methods without memory have no NME)."""
+    if any(c not in features or len(features[c]) == 0 for c in range(n_classes)):
+        return None
+    means = [F.normalize(features[c], dim=1).mean(dim=0) for c in range(n_classes)]
+    return F.normalize(torch.stack(means), dim=1)
+
+
 class ExemplarMemory:
     def __init__(self, cfg: MemoryConfig) -> None:
         self.cfg = cfg
@@ -65,8 +72,9 @@ class ExemplarMemory:
             raise UserError(f"an exemplar memory of {self.cfg.total} images cannot keep one image for each of "
                             f"{n_classes} classes; create the workspace with --exemplars {n_classes} or more")
 
-    def update(self, embed: Embed, new: dict[int, np.ndarray]) -> None:
-        """Shrink old classes, then pick exemplars of the new classes by herding."""
+    def update(self, new: dict[int, np.ndarray], features: Mapping[int, torch.Tensor]) -> None:
+        """Shrink old classes, then pick exemplars of the new classes by herding over `features`
+        (each new class's, in the order of its images; the caller's one forward pass)."""
         if not self.enabled:
             return
         if self.cfg.keep_all:  # copies: `new` may be views of a larger array (the training set)
@@ -77,8 +85,7 @@ class ExemplarMemory:
         # copies, so the larger arrays they were cut from are freed
         self.images = {c: imgs[:m].copy() if len(imgs) > m else imgs for c, imgs in self.images.items()}
         for c, imgs in new.items():
-            feats = F.normalize(embed(imgs), dim=1)
-            self.images[c] = imgs[herding(feats, m)]
+            self.images[c] = imgs[herding(F.normalize(features[c], dim=1), m)]
 
     def labels(self) -> np.ndarray:
         """The labels of `arrays()`, without copying an image."""
@@ -99,14 +106,6 @@ class ExemplarMemory:
         images = np.concatenate([self.images[c] for c in classes])
         labels = np.concatenate([np.full(len(self.images[c]), c, np.int64) for c in classes])
         return images, labels
-
-    def class_means(self, embed: Embed, n_classes: int) -> torch.Tensor | None:
-        """Normalised mean of normalised exemplar features per class (NME), or None when
-        some class has no exemplars (methods without memory have no NME)."""
-        if any(c not in self.images or len(self.images[c]) == 0 for c in range(n_classes)):
-            return None
-        means = [F.normalize(embed(self.images[c]), dim=1).mean(dim=0) for c in range(n_classes)]
-        return F.normalize(torch.stack(means), dim=1)
 
     def state(self) -> dict[str, torch.Tensor]:
         return class_arrays(self.images)

@@ -16,11 +16,21 @@ import torch
 import torch.nn.functional as F
 
 from edge_m2kd import distributed, faults, teacher_precision
-from edge_m2kd.config import DEVICES, IMAGE_MEAN, IMAGE_STD, LearnerConfig
+from edge_m2kd.config import DEVICES, IMAGE_MEAN, IMAGE_STD, OLD_STATISTICS, LearnerConfig
 from edge_m2kd.data.augment import random_crop_flip_nhwc
 from edge_m2kd.data.sources import ImageSet
 from edge_m2kd.errors import UserError
-from edge_m2kd.exemplars import ExemplarMemory
+from edge_m2kd.exemplars import ExemplarMemory, class_means
+from edge_m2kd.heads import (
+    AnalyticFit,
+    AnalyticHead,
+    CorrectedHead,
+    FeatureStats,
+    Head,
+    NMEHead,
+    old_class_statistics,
+    solve_analytic,
+)
 from edge_m2kd.losses import m2kd_loss, sample_terms, teacher_terms
 from edge_m2kd.models import DeployedClassifier, IncrementalNet
 from edge_m2kd.models.pretrained import PretrainedWeights, fetch_pretrained, load_pretrained
@@ -78,7 +88,15 @@ class Learner:
         self.class_names: list[str] = []  # in head order
         self.groups: list[list[int]] = []  # class ids first learned at each step
         self.class_means: torch.Tensor | None = None  # NME, over normalised features
-        self.chosen_classifier: str | None = None  # classifier "auto": "cnn" or "nme", by held-out images
+        # The analytic head's sums over every training image (heads.py), and its solved head.
+        self.stats: FeatureStats | None = None
+        self.analytic: AnalyticFit | None = None
+        # The statistics the last step's analytic head is solved from, per way of treating the old
+        # classes, until held-out images choose its regularisation (choose_classifier).
+        self._solve_from: dict[str, FeatureStats] = {}
+        self.analytic_variants: dict[str, AnalyticFit | None] = {}
+        self.compare_old_statistics = False  # a benchmark sets it: solve every OLD_STATISTICS way
+        self.chosen_classifier: str | None = None  # classifier "auto": a HEADS name, by held-out images
         self._pretrained: PretrainedWeights | None = None  # read when a step needs it
         if cfg.snapshots.free_restart == "pretrained" and cfg.model.pretrained:
             self.store.base_weights = self._pretrained_backbone
@@ -110,8 +128,17 @@ class Learner:
             model_t["class_means"] = self.class_means.detach().cpu().contiguous()
         snap_t, snap_meta = self.store.state()
         classes = [{"name": n, "id": i, "step": self.step_of(n)} for i, n in enumerate(self.class_names)]
-        return ({"model": model_t, "snapshots": snap_t, "exemplars": self.memory.state()},
-                {"classes": classes, "snapshots": snap_meta, "chosen_classifier": self.chosen_classifier})
+        stats_t: dict[str, torch.Tensor] = {}
+        heads: dict[str, Any] = {"chosen_classifier": self.chosen_classifier}
+        if self.stats is not None:
+            stats_t = self.stats.state()
+            heads["statistics_sha256"] = self.stats.checksum()
+        if self.analytic is not None:
+            stats_t = {**stats_t, "analytic.weight": self.analytic.weight, "analytic.bias": self.analytic.bias}
+            heads["analytic"] = {"solver": self.analytic.solver, "regularisation": self.analytic.regularisation,
+                                 "held_out_accuracy": self.analytic.held_out_accuracy}
+        return ({"model": model_t, "snapshots": snap_t, "exemplars": self.memory.state(), "statistics": stats_t},
+                {"classes": classes, "snapshots": snap_meta, "heads": heads})
 
     @classmethod
     def from_state(cls, cfg: LearnerConfig, tensors: dict[str, dict[str, torch.Tensor]],
@@ -123,7 +150,15 @@ class Learner:
         learner.groups = [[c["id"] for c in classes if c["step"] == k] for k in range(1, steps + 1)]
         model_t = dict(tensors["model"])
         learner.class_means = model_t.pop("class_means", None)
-        learner.chosen_classifier = meta.get("chosen_classifier")
+        heads = meta.get("heads") or {}
+        learner.chosen_classifier = heads.get("chosen_classifier")
+        stats_t = tensors.get("statistics") or {}  # none in a workspace saved before the statistics
+        if "gram" in stats_t:
+            learner.stats = FeatureStats.from_state(stats_t)
+        if "analytic.weight" in stats_t:
+            a = heads["analytic"]
+            learner.analytic = AnalyticFit(a["solver"], a["regularisation"], stats_t["analytic.weight"],
+                                           stats_t["analytic.bias"], a.get("held_out_accuracy"))
         learner.model.add_classes(len(learner.class_names))
         learner.model.load_state_dict(model_t)
         learner.model.to(learner.device)
@@ -181,21 +216,55 @@ class Learner:
 
         with timer("consolidate"):  # pruning; its fine-tuning is timed as "finetune.*"
             self.store.consolidate(self.model, t, finetune_pruned)
-        with timer("herding"):
+        with timer("features"):  # one forward per new image, read by herding and by the statistics
             # The training set holds the new classes first, class by class: views, not copies.
             n_new = int(np.count_nonzero(labels >= new_ids[0]))  # the exemplars' labels are all older
             starts = np.searchsorted(labels[:n_new], [*new_ids, new_ids[-1] + 1])
-            self.memory.update(self.embed, {c: images[a:b] for c, a, b in zip(new_ids, starts[:-1], starts[1:])})
+            new = {c: images[a:b] for c, a, b in zip(new_ids, starts[:-1], starts[1:])}
+            new_features = {c: self.normalized_features(x) for c, x in new.items()}
+        with timer("herding"):
+            self.memory.update(new, new_features)
         with timer("bias_correction"):
             self._correct_bias(new_ids)
         with timer("class_means"):
-            self.class_means = self.memory.class_means(self.embed, self.model.num_classes)
+            exemplar_features = {c: self.normalized_features(x) for c, x in self.memory.images.items()}
+            self.class_means = class_means(exemplar_features, self.model.num_classes)
+        with timer("solve"):
+            self._add_statistics(new_features, exemplar_features, new_ids)
         with timer("commit"):
             self.store.commit(t, self.model, probe=images[:PROBE_SIZE])
         seconds = time.perf_counter() - start
         n_seen = len(images) * self.cfg.train.epochs
         return StepReport(t, classes, len(images), seconds, n_seen / seconds, n_seen / max(train_seconds, 1e-9), losses,
                           sorted(snapshots), timer.total(seconds), precision.to_dict())
+
+    def _add_statistics(self, new_features: dict[int, torch.Tensor], exemplar_features: dict[int, torch.Tensor],
+                        new_ids: list[int]) -> None:
+        """Add the step's images to the analytic head's statistics and solve the head (at the
+        default regularisation until held-out images choose one, in choose_classifier)."""
+        old_ids = list(range(new_ids[0]))
+        if self.stats is None:
+            # A fresh learner, or a workspace saved before the statistics existed: its old classes
+            # start from their exemplars under today's backbone (a class without any has none yet).
+            self.stats = FeatureStats.empty(self.model.feature_dim)
+            for c in old_ids:
+                if c in exemplar_features:
+                    self.stats.add(c, exemplar_features[c])
+        step_stats = FeatureStats.empty(self.model.feature_dim)
+        for c, f in new_features.items():
+            step_stats.add(c, f)
+        self.stats.merge(step_stats)
+        # On a frozen backbone every way is "keep": the old classes' features have not moved.
+        trained = self.cfg.model.frozen_stages != -1 and self.cfg.train.epochs > 0
+        modes = OLD_STATISTICS if self.compare_old_statistics else (self.cfg.train.analytic_old_statistics,)
+        self._solve_from = {m: old_class_statistics(self.stats, m if trained else "keep", old_ids, exemplar_features,
+                                                    step_stats) for m in modes}
+        self._solve_analytic(None)
+
+    def _solve_analytic(self, held_out: tuple[torch.Tensor, np.ndarray] | None) -> None:
+        solver = self.cfg.train.analytic_solver
+        self.analytic_variants = {m: solve_analytic(s, solver, held_out) for m, s in self._solve_from.items()}
+        self.analytic = self.analytic_variants.get(self.cfg.train.analytic_old_statistics)
 
     def _teachers(self, snapshots: dict[int, IncrementalNet], images: np.ndarray,
                   teacher_images: int | None = None) -> tuple[torch.nn.Module | None, teacher_precision.PrecisionChoice]:
@@ -448,53 +517,64 @@ class Learner:
     def embed(self, images: np.ndarray) -> torch.Tensor:
         return self._forward_all(images)[1].clone()
 
-    def scores(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """CNN logits and, where class means exist, NME scores (higher is closer)."""
+    def normalized_features(self, images: np.ndarray) -> torch.Tensor:
+        """The L2-normalised pooled features that NME, herding and the analytic head read."""
+        return F.normalize(self._forward_all(images)[1], dim=1)
+
+    def heads(self) -> dict[str, Head]:
+        """Every classifier this learner can deploy now (HEADS names): the corrected head always,
+        NME where every class has exemplars, the analytic head where every class has statistics."""
+        out: dict[str, Head] = {"cnn": CorrectedHead(self.model.main_head)}
+        if self.class_means is not None:
+            out["nme"] = NMEHead(self.class_means)
+        if self.analytic is not None:
+            out["analytic"] = AnalyticHead(self.analytic)
+        return out
+
+    def scores(self, images: np.ndarray) -> dict[str, torch.Tensor]:
+        """Every head's scores of the images (higher is likelier), from one forward pass."""
         logits, feats = self._forward_all(images)
-        if self.class_means is None:
-            return logits.cpu(), None
-        return logits.cpu(), self._nme_linear(F.normalize(feats, dim=1)).cpu()
+        out = {name: head.scores(feats.cpu()) for name, head in self.heads().items() if name != "cnn"}
+        return {"cnn": logits.cpu(), **out}
 
     @property
-    def uses_nme(self) -> bool:
-        """Whether the deployed classifier is NME (configured, or chosen under "auto")."""
+    def deployed_head(self) -> str:
+        """The HEADS name of the classifier a device runs: the configured one, or under "auto" the
+        held-out images' choice; NME (else the corrected head) while that one is not there yet."""
         choice = self.cfg.train.classifier
-        return self.class_means is not None and (choice == "nme" or (choice == "auto" and self.chosen_classifier == "nme"))
+        name = self.chosen_classifier if choice == "auto" else choice
+        available = self.heads()
+        return name if name in available else ("nme" if "nme" in available else "cnn")
 
     def choose_classifier(self, images: np.ndarray, labels: np.ndarray) -> None:
-        """classifier "auto": deploy the corrected head only where it classifies clearly more of
-        these held-out images (of every known class, never trained on) correctly than NME; else NME.
+        """After a step, on held-out images of every known class (never trained on): choose the
+        analytic head's regularisation, then, under classifier "auto", the deployed head.
 
-        "Clearly" is a sign test (McNemar's) at two standard deviations over the images exactly one
-        of the two gets right. NME scored above the head in 17 of 18 validation runs (docs/benchmarks.md),
-        and 20 images per class are few: a plain majority once deployed a head that scored 36.8 on
-        the test set against NME's 41.9 (icarl, cpu-short, class order 1995)."""
-        if self.cfg.train.classifier != "auto" or self.class_means is None or not len(images):
+        NME is the default; another head is deployed only where it is the best and classifies
+        clearly more of these images correctly than NME: a sign test (McNemar's) at two standard
+        deviations over the images exactly one of the two gets right. 20 images per class are few:
+        a plain majority once deployed a corrected head that scored 36.8 on the test set against
+        NME's 41.9 (icarl, cpu-short, class order 1995; docs/benchmarks.md)."""
+        if not len(images):
             return
-        logits, nme = self.scores(images)
-        assert nme is not None
-        cnn_right, nme_right = logits.argmax(1).numpy() == labels, nme.argmax(1).numpy() == labels
-        cnn_only, nme_only = int((cnn_right & ~nme_right).sum()), int((nme_right & ~cnn_right).sum())
-        head_wins = cnn_only - nme_only > 2 * math.sqrt(cnn_only + nme_only)
-        self.chosen_classifier = "cnn" if head_wins else "nme"
-
-    def _nme_linear(self, normalized_features: torch.Tensor) -> torch.Tensor:
-        assert self.class_means is not None
-        means = self.class_means.to(normalized_features.device)
-        return normalized_features @ means.T - 0.5 * (means * means).sum(dim=1)
+        if self._solve_from:
+            self._solve_analytic((self.normalized_features(images), labels))
+            self._solve_from = {}
+        if self.cfg.train.classifier != "auto":
+            return
+        right = {name: s.argmax(1).numpy() == labels for name, s in self.scores(images).items()}
+        base = "nme" if "nme" in right else "cnn"
+        best = max(right, key=lambda name: (int(right[name].sum()), name == base))
+        only_best, only_base = int((right[best] & ~right[base]).sum()), int((right[base] & ~right[best]).sum())
+        self.chosen_classifier = best if only_best - only_base > 2 * math.sqrt(only_best + only_base) else base
 
     def deployed(self) -> DeployedClassifier:
-        """The classifier a device runs: the corrected head, or NME as a linear layer."""
+        """The classifier a device runs: the backbone and the deployed head as one linear layer."""
         backbone = build_model(self.cfg.model, 0).backbone
         backbone.load_state_dict(self.model.backbone.state_dict())
-        use_nme = self.uses_nme
-        if use_nme:
-            assert self.class_means is not None
-            w = self.class_means.cpu()
-            b = -0.5 * (w * w).sum(dim=1)
-        else:
-            w, b = self.model.main_head.weight.detach().cpu(), self.model.main_head.bias.detach().cpu()
-        return DeployedClassifier(backbone, w, b, use_nme, IMAGE_MEAN, IMAGE_STD).eval()
+        head = self.heads()[self.deployed_head]
+        w, b = head.linear()
+        return DeployedClassifier(backbone, w, b, head.normalized, IMAGE_MEAN, IMAGE_STD).eval()
 
 
 def _as_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:

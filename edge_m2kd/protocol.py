@@ -15,10 +15,17 @@ from edge_m2kd.data.stream import train_val_split
 from edge_m2kd.evaluation import Evaluation, evaluate, summary
 from edge_m2kd.learner import Learner, StepReport
 
-# What a step holds out of its new classes' images: add-classes scores (and, under classifier
-# "auto", chooses the deployed classifier) on up to HOLDOUT_PER_CLASS of them per class.
+# What a step holds out of its new classes' images: add-classes scores, chooses the analytic
+# head's regularisation and (under classifier "auto") the deployed classifier on up to
+# HOLDOUT_PER_CLASS of them per class.
 HOLDOUT_FRACTION = 0.1
 HOLDOUT_PER_CLASS = 20
+
+
+def hold_out(data: ImageSet, seed: int) -> tuple[ImageSet, ImageSet]:
+    """(training images, held-out images) of a step's data: each class's choice depends on its
+    name and images alone, so it is the same in any class order and any grouping into steps."""
+    return train_val_split(data, HOLDOUT_FRACTION, seed, by_name=True)
 
 
 def kept_holdout(held: ImageSet, class_names: list[str]) -> dict[int, np.ndarray]:
@@ -58,13 +65,10 @@ def run_protocol(
     rows, matrix, overall = [], [], []
     holdout: dict[int, np.ndarray] = {}
     for classes in steps:
-        data = train
-        if cfg.train.classifier == "auto":  # as add-classes does: hold out some images of each new class
-            data, held = train_val_split(train.only_classes(classes), HOLDOUT_FRACTION, cfg.train.seed)
+        data, held = hold_out(train.only_classes(classes), cfg.train.seed)  # as add-classes does
         report = learner.step(data, classes)
-        if cfg.train.classifier == "auto":
-            holdout.update(kept_holdout(held, learner.class_names))
-            learner.choose_classifier(*holdout_arrays(holdout))
+        holdout.update(kept_holdout(held, learner.class_names))
+        learner.choose_classifier(*holdout_arrays(holdout))
         ev = evaluate(learner, test.only_classes(learner.class_names))
         matrix.append(ev.accuracy_per_group)
         overall.append(ev.deployed_accuracy)
@@ -74,6 +78,9 @@ def run_protocol(
             "accuracy": ev.deployed_accuracy,
             "cnn_accuracy": ev.accuracy,
             "nme_accuracy": ev.nme_accuracy,
+            "analytic_accuracy": ev.analytic_accuracy,
+            "analytic_variants": ev.analytic_variants,
+            "deployed_classifier": ev.deployed_classifier,
             "accuracy_per_group": ev.accuracy_per_group,
             "train_images": report.train_images,
             "seconds": report.seconds,
@@ -88,10 +95,12 @@ def run_protocol(
         "snapshots": cfg.snapshots.policy,
         "classifier": cfg.train.classifier,
         "chosen_classifier": learner.chosen_classifier,
+        "deployed_classifier": learner.deployed_head,
         "steps": rows,
         "accuracy_matrix": matrix,
         **summary(matrix, overall),
         "nme_final_accuracy": rows[-1]["nme_accuracy"] if rows else None,
         "cnn_final_accuracy": rows[-1]["cnn_accuracy"] if rows else None,
+        "analytic_final_accuracy": rows[-1]["analytic_accuracy"] if rows else None,
         "seconds": time.perf_counter() - start,
     }

@@ -41,7 +41,9 @@ from edge_m2kd.locking import LOCK_FILES, no_readers, reading, writer_lock
 FORMAT_VERSION = 1
 MANIFEST = "workspace.json"
 GENERATIONS = "generations"
-LEARNER_PARTS = ("model", "snapshots", "exemplars")  # Learner.state()'s parts, a file each
+# Learner.state()'s parts, a file each; "statistics" (the analytic head's sums, heads.py) is absent
+# from a workspace saved before it existed, which gets it at its next step.
+LEARNER_PARTS = ("model", "snapshots", "exemplars", "statistics")
 FILES = (*(f"{part}.safetensors" for part in LEARNER_PARTS), "holdout.safetensors")
 
 
@@ -183,8 +185,10 @@ class Workspace:
                                 "restore the workspace from a backup") from e
 
     def _load_state(self, gen: Path) -> Learner:
-        tensors = {part: load_file(gen / f"{part}.safetensors") for part in LEARNER_PARTS}
-        meta = {"classes": self.manifest["classes"], "snapshots": self.manifest["snapshots"]}
+        tensors = {part: load_file(gen / f"{part}.safetensors") for part in LEARNER_PARTS
+                   if f"{part}.safetensors" in self.manifest["files"]}
+        meta = {"classes": self.manifest["classes"], "snapshots": self.manifest["snapshots"],
+                "heads": self.manifest.get("heads", {})}
         return Learner.from_state(self.config, tensors, meta)
 
     def load_holdout(self) -> dict[int, np.ndarray]:
@@ -233,6 +237,7 @@ class Workspace:
                 files={name: sha256(gen / name) for name in FILES},
                 classes=meta["classes"],
                 snapshots=meta["snapshots"],
+                heads=meta["heads"],
                 history=[*self.manifest["history"], history_entry],
             )
             # The directory is synced below: a failure there comes after the switch.
@@ -260,4 +265,4 @@ class Workspace:
 
     def disk_bytes(self) -> dict[str, int]:
         gen = self.generation_dir
-        return {name: (gen / name).stat().st_size for name in FILES} if gen else {}
+        return {name: (gen / name).stat().st_size for name in self.manifest["files"]} if gen else {}

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from edge_m2kd.config import IMAGE_MEAN, IMAGE_STD
+from edge_m2kd.config import CLASSIFIERS, IMAGE_MEAN, IMAGE_STD
 from edge_m2kd.errors import UserError
 from edge_m2kd.files import default_onnx_path
 from exporters import preflight as _preflight
@@ -52,6 +52,9 @@ from exporters.tensorrt_build import (
     default_cache_dir,
     require_tensorrt,
 )
+
+# What a workspace can deploy (edge_m2kd/heads.py): every classifier but the "auto" choice.
+DEPLOYABLE = tuple(c for c in CLASSIFIERS if c != "auto")
 
 # Preflight targets reported for every ONNX export: the TensorRT of JetPack 6.0 and of 6.1/6.2.
 PREFLIGHT_TARGETS = ("8.6", "10.3")
@@ -132,7 +135,7 @@ def export_model(
     """Export ``model`` to ``onnx_path`` through the parity gate and write its metadata.
 
     ``probe_images``: uint8 NHWC RGB at ``input_size`` (the exemplar store); seeded random images
-    when None or empty. ``classifier``: "cnn" or "nme"; by default read from the model
+    when None or empty. ``classifier``: a DEPLOYABLE name; by default "nme" or "cnn", read from the model
     (``normalize_features``). ``tamper`` exists for tests of the gate: it edits the ONNX bytes
     after export and before they are checked and written.
     """
@@ -143,8 +146,8 @@ def export_model(
     data = tamper(exported.data) if tamper is not None else exported.data
     model_hash = sha256_bytes(data)
     kind = classifier or ("nme" if getattr(model, "normalize_features", False) else "cnn")
-    if kind not in ("cnn", "nme"):
-        raise ValueError(f"classifier must be 'cnn' or 'nme', got {kind!r}")
+    if kind not in DEPLOYABLE:
+        raise ValueError(f"classifier must be one of {', '.join(DEPLOYABLE)}, got {kind!r}")
     probe, source = select_probe(probe_images, input_size, max_samples)
 
     with staged_file(onnx_path, "ONNX model") as (tmp, f):
@@ -215,10 +218,11 @@ def export_workspace(
             input_size,
             onnx_target,
             probe_images=probe_images,
+            classifier=learner.deployed_head,
             force=force,
             extra_metadata={"workspace": {"steps_done": learner.steps_done, "backbone": learner.cfg.model.backbone,
                                           "configured_classifier": learner.cfg.train.classifier,
-                                          "deployed_classifier": "nme" if learner.uses_nme else "cnn"}},
+                                          "deployed_classifier": learner.deployed_head}},
         )
 
         engine: EngineBuild | None = None

@@ -267,3 +267,14 @@ def test_throughput_compares_the_learner_with_a_bare_loop(tmp_path, capsys):
     assert set(rows) == {"bare", "icarl", "m2kd"}
     assert rows["bare"]["ratio_to_bare"] == 1.0
     assert all(r["images_per_second"] > 0 for r in rows.values())
+
+
+def test_analytic_step_times_a_frozen_step_beside_a_trained_one(tmp_path, capsys):
+    analytic_step = importlib.import_module("benchmarks.analytic_step")
+    analytic_step.main(["--smoke", "--threads", "1", "--out", str(tmp_path), "--json"])
+    rows = {r["method"]: r for r in _stdout_json(capsys)["rows"]}
+    frozen, trained = rows["analytic-frozen"], rows["icarl"]
+    assert frozen["epochs"] == 0 and frozen["train_seconds"] == 0 and frozen["forward_images_per_second"] > 0
+    assert trained["epochs"] > 0 and trained["train_seconds"] > 0
+    assert frozen["images"] == trained["images"] == 2 * 36  # 40 each, 10% held out
+    assert (tmp_path / "results.json").is_file()

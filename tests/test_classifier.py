@@ -51,9 +51,9 @@ def test_auto_deploys_the_head_only_where_it_scores_clearly_higher_on_held_out_i
     mostly_wrong = torch.cat([wrong[:4], right[4:]])
     for cnn, nme, chosen in [(right, wrong, "cnn"), (wrong, right, "nme"), (right, right, "nme"),
                              (mostly_right, mostly_wrong, "nme")]:
-        monkeypatch.setattr(learner, "scores", lambda _images, cnn=cnn, nme=nme: (cnn, nme))
+        monkeypatch.setattr(learner, "scores", lambda _images, cnn=cnn, nme=nme: {"cnn": cnn, "nme": nme})
         learner.choose_classifier(images, labels)
-        assert learner.chosen_classifier == chosen and learner.uses_nme == (chosen == "nme")
+        assert learner.chosen_classifier == chosen and learner.deployed_head == chosen
     monkeypatch.undo()
     # The deployed network is the chosen one: NME as a linear layer over normalised features.
     assert learner.deployed().normalize_features
@@ -61,12 +61,28 @@ def test_auto_deploys_the_head_only_where_it_scores_clearly_higher_on_held_out_i
     fixed = Learner(quick_config("icarl", epochs=1, train={"classifier": "cnn"}))
     fixed.step(blob_data, ["c0", "c1"])
     fixed.choose_classifier(images, labels)
-    assert fixed.chosen_classifier is None and not fixed.uses_nme
+    assert fixed.chosen_classifier is None and fixed.deployed_head == "cnn"
+
+
+def test_auto_chooses_among_every_head_and_nme_stays_unless_another_is_clearly_better(blob_data, monkeypatch):
+    learner = Learner(quick_config("icarl", epochs=1, train={"classifier": "auto"}))
+    learner.step(blob_data, ["c0", "c1"])
+    assert set(learner.heads()) == {"cnn", "nme", "analytic"}
+    labels = np.zeros(40, np.int64)
+    right, wrong = torch.zeros(40, 2), torch.zeros(40, 2)
+    right[:, 0], wrong[:, 1] = 1.0, 1.0
+    mostly = torch.cat([right[:24], wrong[24:]])  # 24 of 40 against NME's 20: inside the noise
+    for cnn, nme, analytic, chosen in [(wrong, wrong, right, "analytic"), (wrong, mostly, right, "analytic"),
+                                       (mostly, torch.cat([wrong[:20], right[20:]]), mostly, "nme"),
+                                       (right, wrong, wrong, "cnn")]:
+        monkeypatch.setattr(learner, "scores", lambda _i, c=cnn, n=nme, a=analytic: {"cnn": c, "nme": n, "analytic": a})
+        learner.choose_classifier(blob_data.images[:40], labels)
+        assert learner.chosen_classifier == chosen, (chosen, learner.chosen_classifier)
 
 
 def test_protocol_under_auto_holds_out_images_and_records_the_choice(blob_data):
     cfg = quick_config("icarl", epochs=1, train={"classifier": "auto"})
     result = run_protocol(blob_data, blob_data, [["c0", "c1"], ["c2", "c3"]], cfg)
-    assert result["chosen_classifier"] in ("cnn", "nme")
+    assert result["chosen_classifier"] in ("cnn", "nme", "analytic")
     # 10% of each new class's 24 images stay out of training.
     assert result["steps"][0]["train_images"] == 2 * (24 - 2)

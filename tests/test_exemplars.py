@@ -29,10 +29,11 @@ def test_memory_is_equal_per_class_and_shrinks_by_truncation():
         return torch.from_numpy(images.reshape(len(images), -1).astype(np.float32))
 
     first = {0: rng.integers(0, 255, (10, 2, 2, 3), dtype=np.uint8), 1: rng.integers(0, 255, (10, 2, 2, 3), dtype=np.uint8)}
-    mem.update(embed, first)
+    mem.update(first, {c: embed(v) for c, v in first.items()})
     assert {c: len(v) for c, v in mem.images.items()} == {0: 6, 1: 6}
     kept0 = mem.images[0].copy()
-    mem.update(embed, {2: rng.integers(0, 255, (10, 2, 2, 3), dtype=np.uint8), 3: rng.integers(0, 255, (10, 2, 2, 3), dtype=np.uint8)})
+    second = {2: rng.integers(0, 255, (10, 2, 2, 3), dtype=np.uint8), 3: rng.integers(0, 255, (10, 2, 2, 3), dtype=np.uint8)}
+    mem.update(second, {c: embed(v) for c, v in second.items()})
     assert {c: len(v) for c, v in mem.images.items()} == {0: 3, 1: 3, 2: 3, 3: 3}
     assert np.array_equal(mem.images[0], kept0[:3])
     images, labels = mem.arrays()

@@ -345,7 +345,10 @@ def test_export_workspace_writes_onnx_and_metadata(workspace):
     json.dumps(result)  # the CLI prints it with --json
     meta = read_metadata(result["onnx"])
     assert meta["class_names"] == learner.class_names == ["c0", "c1", "c2"]
-    assert meta["input"]["shape"] == [-1, 3, 16, 16] and meta["classifier"] == "cnn"
+    # The step's choice under classifier "auto" survives the workspace's reload (it used to be lost,
+    # and the corrected head exported whatever the step had chosen).
+    assert learner.chosen_classifier is not None
+    assert meta["input"]["shape"] == [-1, 3, 16, 16] and meta["classifier"] == learner.deployed_head
     assert meta["workspace"]["steps_done"] == 1 and meta["parity"]["probe"] == "exemplars"
     # The exported file computes what the learner's own deployed model computes on its exemplars.
     images, _ = learner.memory.arrays()

@@ -481,3 +481,21 @@ def test_memory_reports_the_boards_figures_on_a_jetson(ws, tmp_path, monkeypatch
     (tmp_path / "meminfo").write_text("MemTotal:       16318480 kB\nMemAvailable:    9264520 kB\n")  # a PC
     code, out, _ = cli("memory", ws, "--json")
     assert code == 0 and json.loads(out)["board"] is None
+
+
+def test_add_classes_stores_folder_names_in_nfc_and_refuses_look_alikes(tmp_path, folders):
+    data = tmp_path / "data"
+    for name, source in (("cafe\u0301", "0"), ("airplane", "1")):  # an NFD folder name, as macOS writes it
+        shutil.copytree(folders["train"] / source, data / name)
+    ws = make_workspace(tmp_path / "ws", folders, 0)
+    code, out, err = cli("add-classes", ws, data, "--json")
+    assert code == 0, err
+    assert json.loads(out)["classes"] == ["airplane", "caf\u00e9"]
+    assert Workspace.open(ws).load_learner().class_names == ["airplane", "caf\u00e9"]
+    more = tmp_path / "more"
+    for name in ("\u0430irplane", "CAF\u00c9"):  # Cyrillic a; the same name in capitals
+        shutil.copytree(folders["train"] / "2", more / name)
+        before = Workspace.open(ws).checksum()
+        code, _, err = cli("add-classes", ws, more, "--classes", name)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert Workspace.open(ws).checksum() == before

@@ -7,6 +7,8 @@ removed from the set: a step run alone picks the same images as the same step in
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 
 from edge_m2kd.data.sources import ImageSet
@@ -57,11 +59,14 @@ def _class_indices(data: ImageSet) -> list[tuple[int, np.ndarray]]:
     return [(int(c), np.flatnonzero(data.labels == c)) for c in np.unique(data.labels)]
 
 
-def train_val_split(data: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+def train_val_split(data: ImageSet, fraction: float, seed: int, by_name: bool = False) -> tuple[ImageSet, ImageSet]:
     """Stratified split: `fraction` of each class goes to validation.
 
     A class with >= 2 samples gets at least one validation sample when fraction > 0 (so every
     class is validated) and keeps at least one training sample. Both parts keep the data order.
+    `by_name`: seed each class by its name, not its label, so a class holds out the same images
+    whatever other classes its step brings and whichever step it comes in (a step's hold-out,
+    which the analytic head's order-free sums rely on).
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
@@ -71,7 +76,8 @@ def train_val_split(data: ImageSet, fraction: float, seed: int) -> tuple[ImageSe
             if len(idx) < 2:
                 continue
             n_val = min(max(1, int(round(fraction * len(idx)))), len(idx) - 1)
-            chosen = np.random.default_rng([seed, label]).permutation(len(idx))[:n_val]
+            key = zlib.crc32(data.class_names[label].encode()) if by_name else label
+            chosen = np.random.default_rng([seed, key]).permutation(len(idx))[:n_val]
             val_mask[idx[chosen]] = True
     return data.subset(~val_mask), data.subset(val_mask)
 
