@@ -131,20 +131,6 @@ def _absent_device(device: str) -> bool:
 _NOTED: set[str] = set()
 
 
-class _ReadOn(Workspace):
-    """The same workspace, read with its configured device replaced in memory: nothing is written."""
-
-    def __init__(self, ws: Workspace, device: str) -> None:
-        super().__init__(ws.path, ws.manifest)
-        self._device = device
-
-    @property
-    def config(self) -> LearnerConfig:
-        cfg = super().config
-        cfg.train.device = self._device
-        return cfg
-
-
 def load_for_reading(ws: Workspace) -> Learner:
     """The learner of a workspace a command reads (or exports). Where the device its config names
     is not on this machine (a workspace made on a board, read on a laptop), it is read on the CPU,
@@ -156,10 +142,7 @@ def load_for_reading(ws: Workspace) -> Learner:
         _NOTED.add(key)
         print(f"note: {ws.path} is set up for device {configured}, which this machine does not have; "
               "reading it on the CPU", file=sys.stderr, flush=True)
-    reader = _ReadOn(ws, "cpu")
-    learner = reader.load_learner()
-    ws.manifest = reader.manifest  # the step it read, should a writer have committed one meanwhile
-    return learner
+    return ws.load_learner(device="cpu")
 
 
 def open_for_reading(path: str | Path) -> tuple[Workspace, Learner]:

@@ -68,7 +68,8 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("device cuda was asked for but this torch has no CUDA device; use --device cpu or auto")
+        raise UserError("device cuda was asked for but this torch has no CUDA device; train where it is, or "
+                        "create the workspace with `init --device cpu` or `--device auto`")
     return torch.device(device)
 
 

@@ -168,28 +168,33 @@ class Workspace:
         return self.path / GENERATIONS / gen if gen else None
 
     # -- learner state -----------------------------------------------------------------------
-    def load_learner(self) -> Learner:
+    def load_learner(self, device: str | None = None) -> Learner:
+        """The committed learner; `device` replaces the configured one in memory (a reader's CPU
+        for a workspace made on a board), and nothing on disk changes."""
+        cfg = self.config
+        if device is not None:
+            cfg.train.device = device
         with reading(self.path):
             self._follow_newer_commit()
             gen = self.generation_dir
             if gen is None:
-                return Learner(self.config)
+                return Learner(cfg)
             for name, digest in self.manifest["files"].items():
                 if not (gen / name).is_file() or sha256(gen / name) != digest:
                     raise UserError(f"{gen / name} is missing or damaged (checksum mismatch); "
                                     "restore the workspace from a backup")
             try:
-                return self._load_state(gen)
+                return self._load_state(gen, cfg)
             except (KeyError, ValueError, RuntimeError) as e:  # e.g. tensors of another layout
                 raise UserError(f"{gen} cannot be read by this edge-m2kd ({type(e).__name__}: {str(e)[:80]}); "
                                 "restore the workspace from a backup") from e
 
-    def _load_state(self, gen: Path) -> Learner:
+    def _load_state(self, gen: Path, cfg: LearnerConfig) -> Learner:
         tensors = {part: load_file(gen / f"{part}.safetensors") for part in LEARNER_PARTS
                    if f"{part}.safetensors" in self.manifest["files"]}
         meta = {"classes": self.manifest["classes"], "snapshots": self.manifest["snapshots"],
                 "heads": self.manifest.get("heads", {})}
-        return Learner.from_state(self.config, tensors, meta)
+        return Learner.from_state(cfg, tensors, meta)
 
     def load_holdout(self) -> dict[int, np.ndarray]:
         """Held-out images per class id, kept to fill the accuracy matrix after each step."""
