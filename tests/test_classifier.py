@@ -64,17 +64,22 @@ def test_auto_deploys_the_head_only_where_it_scores_clearly_higher_on_held_out_i
     assert fixed.chosen_classifier is None and fixed.deployed_head == "cnn"
 
 
-def test_auto_chooses_among_every_head_and_nme_stays_unless_another_is_clearly_better(blob_data, monkeypatch):
+def test_auto_chooses_among_every_head_and_the_corrected_head_only_where_clearly_better(blob_data, monkeypatch):
     learner = Learner(quick_config("icarl", epochs=1, train={"classifier": "auto"}))
     learner.step(blob_data, ["c0", "c1"])
     assert set(learner.heads()) == {"cnn", "nme", "analytic"}
     labels = np.zeros(40, np.int64)
     right, wrong = torch.zeros(40, 2), torch.zeros(40, 2)
     right[:, 0], wrong[:, 1] = 1.0, 1.0
-    mostly = torch.cat([right[:24], wrong[24:]])  # 24 of 40 against NME's 20: inside the noise
-    for cnn, nme, analytic, chosen in [(wrong, wrong, right, "analytic"), (wrong, mostly, right, "analytic"),
-                                       (mostly, torch.cat([wrong[:20], right[20:]]), mostly, "nme"),
-                                       (right, wrong, wrong, "cnn")]:
+
+    def first(k: int, start: int = 0) -> torch.Tensor:  # right on images start .. start + k - 1 of the 40
+        return torch.cat([wrong[:start], right[start : start + k], wrong[start + k :]])
+
+    # (cnn, nme, analytic) -> chosen: NME against the analytic head by a plain majority, a tie
+    # to the analytic head; the corrected head only past the sign test against the better of them.
+    for cnn, nme, analytic, chosen in [(wrong, first(21), first(20), "nme"), (wrong, first(20), first(20), "analytic"),
+                                       (wrong, first(20), first(21), "analytic"), (first(26, 10), first(20), first(20), "analytic"),
+                                       (right, first(20), first(20), "cnn")]:
         monkeypatch.setattr(learner, "scores", lambda _i, c=cnn, n=nme, a=analytic: {"cnn": c, "nme": n, "analytic": a})
         learner.choose_classifier(blob_data.images[:40], labels)
         assert learner.chosen_classifier == chosen, (chosen, learner.chosen_classifier)
